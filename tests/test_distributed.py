@@ -38,10 +38,18 @@ LAYOUTS = {  # name: (processes, overrides)
     "tp2_dp2": (4, ["parallel.tp=2", "parallel.dp_shard=2"]),
     "hsdp2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "data.micro_batch_size=2"]),
     "ep2_tp2": (4, ["parallel.dp_shard=2", "parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
+    # the speed switches under a layout
+    "dp_shard2_compile": (2, ["parallel.dp_shard=2", "train.compile=true"]),
+    "dp_shard2_recompute": (2, ["parallel.dp_shard=2", "train.activation_checkpointing=full"]),
+    "tp2_sp_recompute": (2, ["parallel.tp=2", "parallel.sequence_parallel=true",
+                             "train.activation_checkpointing=selective"]),
+    "ep2_compile_recompute": (2, ["parallel.dp_shard=2", "parallel.ep=2", "train.compile=true",
+                                  "train.activation_checkpointing=selective"]),
 }
 PLAN = {
-    "dense": ["dp_shard2", "dp_replicate2", "zero2", "tp2", "tp2_sp", "tp2_dp2", "hsdp2x2"],
-    "moe": ["dp_shard2", "dp_replicate2", "tp2", "tp2_sp", "ep2", "ep2_tp2"],
+    "dense": ["dp_shard2", "dp_replicate2", "zero2", "tp2", "tp2_sp", "tp2_dp2", "hsdp2x2", "dp_shard2_compile",
+              "dp_shard2_recompute", "tp2_sp_recompute"],
+    "moe": ["dp_shard2", "dp_replicate2", "tp2", "tp2_sp", "ep2", "ep2_tp2", "tp2_sp_recompute", "ep2_compile_recompute"],
     "moe_global": ["dp_shard2_mb4", "ep2_mb4"],
     "lowrank_sgt": ["dp_shard2", "tp2", "tp2_sp", "tp2_dp2"],
     "blockdense": ["tp2", "tp2_sp"],

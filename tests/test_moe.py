@@ -348,3 +348,27 @@ def test_init_is_deterministic_for_a_generator_seed(factory):
     assert all(not torch.equal(first[k], other[k]) for k in first)
     if factory is not lowrank_expert:
         assert all(v.std().item() == pytest.approx(0.3, rel=0.3) for v in first.values())
+
+
+@pytest.mark.parametrize("selective", [False, True])
+def test_first_grouped_gemm_probe_inside_a_checkpointed_forward(selective):
+    """The grouped-GEMM support probe runs a tiny forward and backward during the first forward; activation
+    checkpointing must not see it: its backward started the layer's recompute, and selective checkpointing
+    cached its GEMM and replayed it in the recompute in place of the layer's own."""
+    from torch.distributed._composable import checkpoint
+
+    from pretrain.models.moe import grouped_mm_works
+    from pretrain.train.speed import _save_matmuls
+
+    x = torch.randn(2, 5, D, requires_grad=True)
+    plain, checkpointed = make_moe(), make_moe()
+    context_fn = partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, _save_matmuls)
+    checkpoint(checkpointed, context_fn=context_fn if selective else None)
+    grouped_mm_works.cache_clear()  # the probe's first call happens inside the checkpointed forward
+    out = checkpointed(x)
+    out.square().sum().backward()
+    expected = plain(x.detach())
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    expected.square().sum().backward()
+    for a, b in zip(plain.parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from pretrain.config import ModelConfig
 from pretrain.models.ffn import FFN
@@ -170,11 +171,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 @functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype, in_features: int, out_features: int) -> bool:
     """Whether ``torch._grouped_mm`` runs forward and backward here: support differs by torch version,
-    device, dtype and (on CUDA) alignment of the widths, so try it once on a tiny problem of these widths."""
+    device, dtype and (on CUDA) alignment of the widths, so try it once on a tiny problem of these widths.
+    The first call comes from inside a forward, maybe under activation checkpointing, which must not see the
+    probe: plain saved-tensor hooks keep the checkpoint's from packing its tensors (their unpacking would start
+    a recompute), and the dispatch modes are set aside (selective checkpointing would cache its GEMMs)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), _disable_current_modes(), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             x = torch.randn(3, in_features, device=device_type, dtype=dtype, requires_grad=True)
             w = torch.randn(2, out_features, in_features, device=device_type, dtype=dtype, requires_grad=True)
             offs = torch.tensor([1, 3], device=device_type, dtype=torch.int32)
