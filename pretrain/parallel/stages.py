@@ -44,9 +44,53 @@ def stage_costs(cfg: RunConfig) -> tuple[float, list[float], float]:
     return embed, blocks, head
 
 
-def balance(embed: float, blocks: list[float], head: float, num_stages: int) -> list[int]:
-    """Blocks per stage (each at least one) minimising the largest stage cost, the embedding counted in the
-    first stage and the head in the last (a linear-partition dynamic program)."""
+def balance(embed: float, blocks: list[float], head: float, num_stages: int,
+            ranks: list[int] | None = None) -> list[int]:
+    """Blocks per stage (each at least one), the embedding counted in the first stage and the head in the
+    last. Stages are first balanced on their own: a linear-partition dynamic program minimising the largest
+    stage cost. When a rank runs several stages (``ranks[s]``: the rank of stage s; interleaved and V
+    schedules), what bounds the step is the rank's summed cost, so blocks then move across stage boundaries,
+    one at a time, while that lowers the rank loads (sorted from the largest, compared in that order; ties
+    go to the smaller largest stage)."""
+    counts = _balance_stages(embed, blocks, head, num_stages)
+    if ranks is None or len(set(ranks)) == len(ranks):
+        return counts
+
+    def key(c: list[int]) -> tuple:
+        costs = _stage_costs(c, embed, blocks, head)
+        loads = [0.0] * (max(ranks) + 1)
+        for stage, cost in enumerate(costs):
+            loads[ranks[stage]] += cost
+        return tuple(sorted(loads, reverse=True)), max(costs)
+
+    best = key(counts)
+    while True:
+        moves = []
+        for src in range(num_stages):  # one block fewer on stage src, one more on dst (the stages between shift)
+            for dst in range(num_stages):
+                if src != dst and counts[src] > 1:
+                    moved = list(counts)
+                    moved[src] -= 1
+                    moved[dst] += 1
+                    moves.append(moved)
+        if not moves:
+            return counts
+        candidate = min(moves, key=key)
+        if key(candidate) >= best:
+            return counts
+        counts, best = candidate, key(candidate)
+
+
+def _stage_costs(counts: list[int], embed: float, blocks: list[float], head: float) -> list[float]:
+    starts = [sum(counts[:s]) for s in range(len(counts) + 1)]
+    costs = [sum(blocks[starts[s]:starts[s + 1]]) for s in range(len(counts))]
+    costs[0] += embed
+    costs[-1] += head
+    return costs
+
+
+def _balance_stages(embed: float, blocks: list[float], head: float, num_stages: int) -> list[int]:
+    """Blocks per stage minimising the largest stage cost (a linear-partition dynamic program)."""
     n = len(blocks)
     prefix = [0.0]
     for c in blocks:
@@ -76,7 +120,8 @@ def stage_blocks(cfg: RunConfig) -> list[list[str]]:
     """The global block keys of every stage, in stage order."""
     p, num_layers = cfg.parallel, cfg.model.num_layers
     num_stages = p.pp * schedules.stages_per_rank(p.pp_schedule, p.pp_virtual)
-    counts = list(p.pp_layout) or balance(*stage_costs(cfg), num_stages)
+    ranks = schedules.stage_ranks(p.pp_schedule, p.pp, p.pp_virtual)
+    counts = list(p.pp_layout) or balance(*stage_costs(cfg), num_stages, [ranks[s] for s in range(num_stages)])
     starts = [sum(counts[:s]) for s in range(num_stages + 1)]
     layout = [[str(i) for i in range(starts[s], starts[s + 1])] for s in range(num_stages)]
     placed = [int(k) for keys in layout for k in keys]
