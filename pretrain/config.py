@@ -470,15 +470,16 @@ def _validate_pipeline(cfg: RunConfig) -> None:
     _require(not (tr.compile and p.pp_schedule in SPLIT_BACKWARD), "train.compile",
              f"parallel.pp_schedule={p.pp_schedule} splits the backward into input and weight parts, which torch "
              "does not support under torch.compile; use gpipe or 1f1b, or train.compile=false.")
-    _require(tr.activation_checkpointing == "none" or p.pp_schedule not in SPLIT_BACKWARD,
-             "train.activation_checkpointing", f"parallel.pp_schedule={p.pp_schedule} splits the backward in two, "
-             "and torch's checkpoint recomputes a block for one backward pass only; use gpipe, 1f1b or "
-             "interleaved_1f1b with activation checkpointing, or train.activation_checkpointing=none.")
-    _require(not tr.sample_prompt, "train.sample_prompt", "sampling needs the whole model in one process; with "
-             "parallel.pp > 1 leave it empty and sample from the checkpoint (pretrain.load_model).")
-    _require(not (m.tie_embeddings and p.pp_schedule in V_SHAPED and p.dp_replicate * p.dp_shard > 1),
-             "model.tie_embeddings", f"{p.pp_schedule} puts the first and last stage on one rank, where data "
-             "parallelism cannot shard the tied embedding twice; use a looped schedule or untie the embeddings.")
+    if m.tie_embeddings and p.pp_schedule in V_SHAPED and p.dp_replicate * p.dp_shard > 1:
+        # The first and the last stage share a rank and the tied weight, which FSDP leaves whole (plan.shared_params).
+        _require(cfg.optim.impl not in ("foreach", "fused"), "optim.impl",
+                 f"{p.pp_schedule} puts both ends of the tied embedding on one rank, where it stays a plain tensor "
+                 f"beside the FSDP-sharded weights, and {cfg.optim.impl} kernels cannot mix the two; use "
+                 "optim.impl=auto or for_loop, a looped schedule, or untie the embeddings.")
+        _require(p.param_dtype == "fp32" or tr.precision == "bf16", "parallel.param_dtype",
+                 f"{p.pp_schedule} puts both ends of the tied embedding on one rank, where FSDP leaves it whole "
+                 "and in fp32: only autocast (train.precision=bf16) matches it with bf16 gathered weights; set "
+                 "train.precision=bf16, use a looped schedule, or untie the embeddings.")
     if p.pp_batch_weight_grads:
         _require(p.pp_schedule in SPLIT_BACKWARD, "parallel.pp_batch_weight_grads",
                  f"batches deferred weight gradients, which {p.pp_schedule} does not have; use a split-backward "
@@ -486,6 +487,10 @@ def _validate_pipeline(cfg: RunConfig) -> None:
         _require(p.tp == 1 and p.dp_replicate * p.dp_shard == 1, "parallel.pp_batch_weight_grads",
                  "batches the plain (unsharded) linear weights of a pipeline: use it with parallel.tp=1 and no "
                  "data parallelism.")
+        _require(tr.activation_checkpointing == "none", "parallel.pp_batch_weight_grads",
+                 "keeps every linear layer's input until the batched weight backward, which is what activation "
+                 "checkpointing drops (and its recomputation would run each layer twice in one microbatch); set "
+                 "parallel.pp_batch_weight_grads=false or train.activation_checkpointing=none.")
 
 
 def _validate_model(m: ModelConfig) -> None:

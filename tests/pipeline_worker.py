@@ -1,8 +1,11 @@
 """Runs under torchrun for tests/test_pipeline.py: each job trains with the real Trainer under a pipeline
-layout. A job may record every gradient this rank holds after the first backward (``grads``), and may
-watch every compute action of the schedule (``probe``): its matmul FLOPs by kind (F, B, I, W), and whether
-an input-backward action changed any parameter's ``.grad``. One process group serves every job."""
+layout. A job may record every gradient this rank holds after the first backward (``grads``), may
+watch every compute action of the schedule (``probe``): its matmul FLOPs by kind (F, B, I, W), whether
+an input-backward action changed any parameter's ``.grad``, and how many checkpointed forwards still hold their
+saved activations after the run, and may write each rank's end-of-run sample of
+``train.sample_prompt`` (``sample``). One process group serves every job."""
 
+import gc
 import json
 import sys
 from collections import defaultdict
@@ -16,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 from pretrain.config import load_config
 from pretrain.parallel.pipeline import Stage
 from pretrain.train.callbacks import Callback
+from pretrain.train.speed import _SavedActivations
 from pretrain.train.trainer import Trainer
 
 
@@ -106,9 +110,14 @@ def main() -> None:
             if probe:
                 probe.remove()
         trainer.metrics.close()
+        if job.get("sample"):
+            text = trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens)
+            Path(f"{job['sample']}.rank{dist.get_rank()}.txt").write_text(text)
         if probe:
+            gc.collect()  # earlier jobs' trainers
             Path(f"{job['probe']}.rank{dist.get_rank()}.json").write_text(json.dumps(
-                {"flops": probe.flops, "inputs_checked": probe.inputs_checked, "changed": probe.changed}))
+                {"flops": probe.flops, "inputs_checked": probe.inputs_checked, "changed": probe.changed,
+                 "checkpointed_forwards_alive": sum(isinstance(o, _SavedActivations) for o in gc.get_objects())}))
         dist.barrier()
     dist.destroy_process_group()
 

@@ -1,6 +1,7 @@
 """Pipeline parallelism against the single-process model (gloo on CPU): every schedule at pp2, pp2 x tp2 and
 pp2 x dp2, for dense, tied, MoE and structured models; two-stage backprop that really defers the weight
-gradients; checkpoints that resume at another pp; the stage split; the schedule orders and their timeline.
+gradients; checkpoints that resume at another pp; end-of-run sampling; the stage split; the schedule orders and
+their timeline.
 
 One torchrun launch per world size runs every job of that size (tests/pipeline_worker.py)."""
 
@@ -36,6 +37,11 @@ LAYOUTS = {  # name: (processes, overrides)
     "1f1b_recompute": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b", "train.activation_checkpointing=full"]),
     "interleaved_recompute": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual=2",
                                   "train.activation_checkpointing=selective"]),
+    "1f1b_2bp_recompute": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b_2bp", "train.activation_checkpointing=full"]),
+    "zbv_recompute": (2, ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual=2",
+                          "train.activation_checkpointing=selective"]),
+    "pp4_1f1b": (4, ["parallel.pp=4", "parallel.pp_schedule=1f1b"]),  # a middle rank holds neither end
+    "pp4_1f1b_2bp": (4, ["parallel.pp=4", "parallel.pp_schedule=1f1b_2bp"]),
     "pp2_tp2": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=1f1b_2bp"]),
     "pp2_tp2_sp": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true",
                        "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual=2"]),
@@ -44,20 +50,24 @@ LAYOUTS = {  # name: (processes, overrides)
     "pp2_ep2": (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.ep=2", "parallel.pp_schedule=gpipe_2bp"]),
 }
 PLAN = {
-    "dense": [*VIRTUAL, "1f1b_2bp_batched", "zbv_batched", "1f1b_recompute", "pp2_tp2", "pp2_tp2_sp", "pp2_fsdp2",
-              "pp2_ddp2"],
-    "tied": ["1f1b", "zbv", "pp2_tp2", "pp2_ddp2"],
-    "moe": ["1f1b", "1f1b_2bp", "1f1b_2bp_batched", "zbv", "dualpipev", "interleaved_recompute", "pp2_tp2",
-            "pp2_fsdp2", "pp2_ep2"],
-    "lowrank": ["1f1b", "1f1b_2bp", "zero_bubble", "pp2_tp2"],
-    "blockshuffle": ["gpipe_2bp", "pp2_tp2_sp"],
+    "dense": [*VIRTUAL, "1f1b_2bp_batched", "zbv_batched", "1f1b_recompute", "1f1b_2bp_recompute", "zbv_recompute",
+              "pp2_tp2", "pp2_tp2_sp", "pp2_fsdp2", "pp2_ddp2", "pp4_1f1b_2bp"],
+    "tied": ["1f1b", "zbv", "pp2_tp2", "pp2_ddp2", "pp4_1f1b", "pp2_fsdp2"],  # pp2_fsdp2: zbv, both ends on rank 0
+    "moe": ["1f1b", "1f1b_2bp", "1f1b_2bp_batched", "zbv", "dualpipev", "interleaved_recompute", "1f1b_2bp_recompute",
+            "zbv_recompute", "pp4_1f1b_2bp", "pp2_tp2", "pp2_fsdp2", "pp2_ep2"],
+    "lowrank": ["1f1b", "1f1b_2bp", "zero_bubble", "pp2_tp2", "pp2_fsdp2"],
+    "blockshuffle": ["gpipe_2bp", "pp2_tp2_sp", "pp2_ddp2"],
 }
 CASES = [(kind, layout) for kind, layouts in PLAN.items() for layout in layouts]
 PROBED = [("dense", "1f1b"), ("dense", "1f1b_2bp"), ("moe", "1f1b"), ("moe", "1f1b_2bp"), ("lowrank", "1f1b"),
-          ("lowrank", "1f1b_2bp")]
+          ("lowrank", "1f1b_2bp"), ("dense", "1f1b_recompute"), ("dense", "1f1b_2bp_recompute")]
 SIZE = ["model.num_layers=4", "data.micro_batch_size=2"]  # 4 blocks for 2 x 2 stages; 4 microbatches at dp 1
 STEPS = ["train.max_steps=4", "train.stop_at_step=3", "checkpoint.interval=3", "train.eval_interval=0",
          "train.log_interval=1", "optim.warmup_steps=1"]
+PROMPT, SAMPLE_TOKENS = "The list", 16
+SAMPLED = ["zbv", "pp2_tp2", "pp2_fsdp2"]  # the last stage on rank 0; with tensor, with data parallelism
+RESUMED = [("dense", "1f1b_2bp"), ("dense", "zbv"), ("tied", "1f1b"), ("moe", "zbv"), ("dense", "pp2_fsdp2"),
+           ("tied", "pp2_fsdp2")]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -109,6 +119,8 @@ def runs(tmp_path_factory, shared_cache):
         trainer.callbacks.append(CaptureGrads(tmp / f"ref_{kind}.pt"))
         trainer.fit()
         trainer.metrics.close()
+        if kind == "dense":
+            (tmp / "ref_dense.sample").write_text(trainer.sample(PROMPT, SAMPLE_TOKENS))
     jobs: dict[int, list] = {2: [], 4: []}
     for kind, layout in CASES:
         nproc, overrides = LAYOUTS[layout]
@@ -121,10 +133,15 @@ def runs(tmp_path_factory, shared_cache):
     jobs[2].append({"overrides": base + LAYOUTS["zbv"][1] + [
         f"train.run_dir={tmp}/dense_from_single", "train.stop_at_step=0",
         f"train.resume={tmp}/ref_dense/checkpoints/step_0000003"]})
+    for layout in SAMPLED:  # the reference's final weights, no step: sampling only
+        nproc, overrides = LAYOUTS[layout]
+        jobs[nproc].append({"overrides": base + overrides + [
+            f"train.run_dir={tmp}/sample_{layout}", "train.stop_at_step=0", f"train.sample_prompt={PROMPT}",
+            f"train.sample_tokens={SAMPLE_TOKENS}", f"train.resume={tmp}/ref_dense/checkpoints/step_0000004"],
+            "sample": str(tmp / f"sample_{layout}")})
     for nproc, job_list in jobs.items():
         torchrun(nproc, job_list, tmp)
-    for kind, layout in [("dense", "1f1b_2bp"), ("dense", "zbv"), ("tied", "1f1b"), ("moe", "zbv"),
-                         ("dense", "pp2_fsdp2")]:
+    for kind, layout in RESUMED:
         run_training(load_config(None, base + KINDS[kind] + [
             f"train.run_dir={tmp}/resume_{kind}_{layout}", "train.stop_at_step=0",
             f"train.resume={tmp}/{kind}_{layout}/checkpoints/step_0000003"]), log=lambda *a, **k: None)
@@ -154,9 +171,21 @@ def test_pipeline_matches_single_process_grads(runs, kind, layout):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, split, whole", [("dense", "1f1b_2bp", "1f1b"), ("moe", "1f1b_2bp", "1f1b"),
-                                                ("lowrank", "1f1b_2bp", "1f1b")])
+                                                ("lowrank", "1f1b_2bp", "1f1b"),
+                                                ("dense", "1f1b_2bp_recompute", "1f1b_recompute")])
 def test_2bp_gradients_bit_equal_to_1f1b(runs, kind, split, whole):
     a, b = merged_grads(runs / f"{kind}_{whole}", 2), merged_grads(runs / f"{kind}_{split}", 2)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, layout, plain", [("dense", "1f1b_2bp_recompute", "1f1b"), ("moe", "1f1b_2bp_recompute", "1f1b"),
+                                                 ("dense", "zbv_recompute", "zbv"), ("moe", "zbv_recompute", "zbv")])
+def test_checkpointing_under_split_backward_changes_no_gradient_bit(runs, kind, layout, plain):
+    """One recomputation per block serves both the input and the weight backward, and it reproduces the forward
+    exactly (same ops, RNG and autocast state): full and selective checkpointing leave every gradient bit."""
+    a, b = merged_grads(runs / f"{kind}_{plain}", 2), merged_grads(runs / f"{kind}_{layout}", 2)
     for name in a:
         assert torch.equal(a[name], b[name]), name
 
@@ -173,10 +202,11 @@ def probe(runs: Path, kind: str, layout: str, rank: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["dense", "moe", "lowrank"])
-def test_input_backward_leaves_every_parameter_grad_untouched(runs, kind):
+@pytest.mark.parametrize("kind, layout", [("dense", "1f1b_2bp"), ("moe", "1f1b_2bp"), ("lowrank", "1f1b_2bp"),
+                                          ("dense", "1f1b_2bp_recompute")])
+def test_input_backward_leaves_every_parameter_grad_untouched(runs, kind, layout):
     for rank in (0, 1):
-        result = probe(runs, kind, "1f1b_2bp", rank)
+        result = probe(runs, kind, layout, rank)
         assert result["inputs_checked"] == 4 and result["changed"] == []
 
 
@@ -194,8 +224,23 @@ def test_weight_gemms_run_only_in_the_weight_backward(runs, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, layout", [("dense", "1f1b_2bp"), ("dense", "zbv"), ("tied", "1f1b"), ("moe", "zbv"),
-                                          ("dense", "pp2_fsdp2")])
+def test_checkpointed_blocks_recompute_once_in_the_input_backward_and_are_freed(runs):
+    """2BP with full checkpointing: I recomputes each block once, as 1F1B's B does (I + W costs what that B
+    costs), W recomputes nothing (it costs what it costs without checkpointing), and once the step is done no
+    checkpointed forward holds recomputed activations."""
+    for rank in (0, 1):
+        whole = probe(runs, "dense", "1f1b_recompute", rank)["flops"]
+        plain = probe(runs, "dense", "1f1b_2bp", rank)["flops"]
+        result = probe(runs, "dense", "1f1b_2bp_recompute", rank)
+        split = result["flops"]
+        assert split["F"] == whole["F"] == plain["F"]
+        assert split["I"] + split["W"] == whole["B"]
+        assert split["W"] == plain["W"] and split["I"] > plain["I"]
+        assert result["checkpointed_forwards_alive"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, layout", RESUMED)
 def test_pp2_checkpoint_resumes_at_pp1_with_equal_next_loss(runs, kind, layout):
     a, b = losses(runs / f"ref_{kind}"), losses(runs / f"resume_{kind}_{layout}")
     assert sorted(b) == [4] and b[4] == pytest.approx(a[4], rel=1e-5)
@@ -207,6 +252,17 @@ def test_single_process_checkpoint_resumes_at_pp2_and_evaluates_alike(runs):
     assert sorted(b) == [4] and b[4] == pytest.approx(a[4], rel=1e-5)
     val = [[r["val_loss"] for r in records(runs / run) if "val_loss" in r] for run in ("ref_dense", "dense_from_single")]
     assert val[1] == pytest.approx(val[0], rel=1e-5)  # the pipelined forward-only evaluation at step 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", SAMPLED)
+def test_pp2_samples_the_single_process_text_on_every_rank(runs, layout):
+    """End-of-run sampling under pp (the stages forward token by token, the last stage's logits sent to every
+    rank): from the same weights and seed every rank draws the text the single-process model draws."""
+    ref = (runs / "ref_dense.sample").read_text()
+    assert ref.startswith(PROMPT) and len(ref) > len(PROMPT)
+    for rank in range(LAYOUTS[layout][0]):
+        assert (runs / f"sample_{layout}.rank{rank}.txt").read_text() == ref
 
 
 @pytest.mark.slow
@@ -238,6 +294,38 @@ def test_cost_model_counts_embedding_and_head():
     assert balance(0.0, [1.0] * 7, 0.0, 3) in ([3, 2, 2], [2, 3, 2], [2, 2, 3])
 
 
+def test_stages_of_one_rank_are_balanced_together():
+    """Under a V schedule rank 0 runs the first and the last stage (embedding and head): the blocks go where
+    the summed load per rank is lowest, never worse than balancing each stage alone, and close to the best
+    contiguous split found by brute force."""
+    from itertools import combinations
+
+    from pretrain.parallel.stages import _stage_costs
+
+    def max_rank_load(counts, embed, blocks, head, ranks):
+        loads: dict[int, float] = {}
+        for stage, c in enumerate(_stage_costs(counts, embed, blocks, head)):
+            loads[ranks[stage]] = loads.get(ranks[stage], 0.0) + c
+        return max(loads.values())
+
+    ranks = [0, 1, 1, 0]  # zbv at pp 2
+    per_stage, per_rank = balance(0.5, [1.0] * 8, 3.0, 4), balance(0.5, [1.0] * 8, 3.0, 4, ranks)
+    assert max_rank_load(per_stage, 0.5, [1.0] * 8, 3.0, ranks) == 6.5  # the head stage alone gets 1 block
+    assert max_rank_load(per_rank, 0.5, [1.0] * 8, 3.0, ranks) == 6.0  # rank 0: 2 blocks, rank 1: 6
+    rng = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        pp, name = (2, "zbv") if trial % 2 else (3, "interleaved_1f1b")
+        ranks = [schedules.stage_ranks(name, pp, 2)[s] for s in range(2 * pp)]
+        n = 2 * pp + int(torch.randint(0, 6, (), generator=rng))
+        embed, head = (float(v) for v in torch.rand(2, generator=rng) * torch.tensor([2.0, 5.0]))
+        blocks = (1.0 + 0.2 * torch.rand(n, generator=rng)).tolist()
+        got = max_rank_load(balance(embed, blocks, head, 2 * pp, ranks), embed, blocks, head, ranks)
+        assert got <= max_rank_load(balance(embed, blocks, head, 2 * pp), embed, blocks, head, ranks)
+        splits = ([b - a for a, b in zip((0, *cuts), (*cuts, n), strict=True)]
+                  for cuts in combinations(range(1, n), 2 * pp - 1))
+        assert got <= 1.05 * min(max_rank_load(c, embed, blocks, head, ranks) for c in splits)
+
+
 def test_explicit_layout_places_every_block_once():
     layout = stage_blocks(cfg("parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual=2",
                               "parallel.pp_layout=[1, 3, 3, 1]"))
@@ -252,9 +340,10 @@ def test_explicit_layout_places_every_block_once():
     (["parallel.pp_schedule=dualpipev", "parallel.pp_virtual=2", "data.global_batch_size=8",
       "data.micro_batch_size=4"], "parallel.pp_schedule"),  # 2 microbatches for 4 stages
     (["parallel.pp_batch_weight_grads=true"], "parallel.pp_batch_weight_grads"),  # 1f1b has no W
-    (["train.sample_prompt=hello"], "train.sample_prompt"),
-    (["parallel.pp_schedule=zbv", "parallel.pp_virtual=2", "train.activation_checkpointing=full"],
-     "train.activation_checkpointing"),  # torch's checkpoint recomputes for one backward pass only
+    (["parallel.pp_schedule=zbv", "parallel.pp_virtual=2", "parallel.dp_shard=2", "model.tie_embeddings=true",
+      "optim.impl=foreach"], "optim.impl"),  # the tied weight, whole on rank 0, is no DTensor like the others
+    (["parallel.pp_schedule=1f1b_2bp", "parallel.pp_batch_weight_grads=true", "train.activation_checkpointing=full"],
+     "parallel.pp_batch_weight_grads"),  # keeps the linear inputs that checkpointing drops
     (["parallel.pp_schedule=1f1b_2bp", "parallel.pp_batch_weight_grads=true", "parallel.tp=2"],
      "parallel.pp_batch_weight_grads"),
 ])

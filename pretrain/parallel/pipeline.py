@@ -39,7 +39,8 @@ from torch.distributed.tensor import DTensor
 
 from pretrain import device as devices
 from pretrain.config import RunConfig
-from pretrain.parallel import schedules
+from pretrain.generate import last_logits
+from pretrain.parallel import plan, schedules
 from pretrain.parallel.grads import clip_grad_norm_
 from pretrain.parallel.mesh import ParallelDims
 from pretrain.parallel.stages import split_model
@@ -257,8 +258,6 @@ class Pipeline:
 
     def train_step(self, trainer, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Trainer.train_step under the pipeline schedule: same loss, same gradients, same update."""
-        from pretrain.parallel.plan import finish_gradients
-
         if self.runtime is None:
             self._build(len(micro_batches))
         # Time the steps that get logged; the first one also infers the stage shapes, so it is not timed.
@@ -282,7 +281,7 @@ class Pipeline:
         self.steps += 1
         loss = torch.stack(list(self.lm_losses.values())).sum() if self.lm_losses else torch.zeros((), device=self.device)
         dist.all_reduce(loss, group=self.group)  # only the last stage computed it
-        finish_gradients(self.model, self.dims, self.cfg)
+        plan.finish_gradients(self.model, self.dims, self.cfg)
         self._sync_tied_grads()
         for callback in trainer.callbacks:
             callback.on_after_backward(trainer, trainer.state["step"])
@@ -299,7 +298,12 @@ class Pipeline:
                 self.measured[f"{kind.lower()}_ms"] = 1e3 * c.seconds[kind] / c.count[kind]
 
     def _sync_tied_grads(self) -> None:
-        """Sum the embedding's and the head's gradient of the tied weight on both ranks that hold it."""
+        """Sum the embedding's and the head's gradient of the tied weight on both ranks that hold it; where one
+        rank holds both ends (V schedules), average it over data parallelism as FSDP averages the others."""
+        for param in plan.shared_params(self.modules) if self.dims.dp_size > 1 else []:  # not FSDP's: see there
+            grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+            dist.all_reduce(grad, group=plan.dp_group(self.dims))
+            grad.div_(self.dims.dp_size)
         if self.tie_group is None:
             return
         weight = self.model.embed.weight
@@ -327,7 +331,6 @@ class Pipeline:
     @torch.no_grad()
     def evaluate(self, trainer) -> float:
         """Trainer.evaluate with the stages run one microbatch after the other (forward only)."""
-        from pretrain.parallel.plan import all_reduce_sum
         from pretrain.train.trainer import lm_loss_sum
 
         self.model.eval()
@@ -343,9 +346,18 @@ class Pipeline:
                         loss += lm_loss_sum(logits, mb).double()
         self.model.train()
         dist.all_reduce(loss, group=self.group)
-        totals = all_reduce_sum(torch.cat([loss, torch.tensor([tokens], dtype=torch.float64, device=self.device)]),
-                                self.dims)
+        totals = plan.all_reduce_sum(torch.cat([loss, torch.tensor([tokens], dtype=torch.float64, device=self.device)]),
+                                     self.dims)
         return float(totals[0]) / max(float(totals[1]), 1.0)
+
+    @torch.no_grad()
+    def next_token_logits(self, context: torch.Tensor) -> torch.Tensor:
+        """``generate``'s logits function: the stages run forward in turn, and the last stage's rank sends the next
+        token's logits to every rank of the pipeline, which all draw the same token from them."""
+        logits = self._forward_only(context)
+        out = last_logits(logits) if logits is not None else torch.empty(self.cfg.model.vocab_size, device=self.device)
+        dist.broadcast(out, group=self.group, group_src=self.stage_rank[self.num_stages - 1])
+        return out
 
     def _forward_only(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """This rank's stages in order on one microbatch; the logits on the last stage's rank, else None."""

@@ -39,9 +39,26 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: RunConfig, stages: li
 
         if stages:  # the schedule gathers each stage once per step (torchtitan's default): the split backward
             p = replace(p, reshard_after_forward=False)  # needs the gathered weights from F to W
+        shared = shared_params(stages or [])
         for part in stages or [model]:
-            apply_fsdp(part, mesh["dp_replicate", "dp_shard"], p)
+            apply_fsdp(part, mesh["dp_replicate", "dp_shard"], p, replicated=shared)
     return model
+
+
+def shared_params(stages: list[nn.Module]) -> list[nn.Parameter]:
+    """Parameters that two of this rank's pipeline stages hold: the tied embedding, where a V schedule puts the
+    first and the last stage on one rank. Each stage is its own FSDP root, and FSDP2 lets a parameter belong
+    to one group under one root only (a group of [embed, head] shared by two roots fails at the second root's
+    lazy init), so these stay whole on every data-parallel rank, and the pipeline averages their gradients.
+    Listed in stage order, so that the ranks of a data-parallel group all-reduce them in the same order."""
+    seen: set[nn.Parameter] = set()
+    shared: dict[nn.Parameter, None] = {}  # a set that keeps the order
+    for stage in stages:
+        for param in stage.parameters():
+            if param in seen:
+                shared[param] = None
+            seen.add(param)
+    return list(shared)
 
 
 def dp_group(dims: ParallelDims):

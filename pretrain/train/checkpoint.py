@@ -132,6 +132,9 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, 
     model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (
         get_state_dict(model, [])[0], None)
     state = {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
+    # DCP keeps one copy of a non-tensor value, so each optimizer group's loaded parameter names are one rank's
+    # (under pipeline parallelism another stage's), and torch drops a tied weight those names miss: keep ours.
+    names = [list(group["params"]) for group in optim_sd["param_groups"]] if optimizer is not None else []
     try:
         dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
@@ -141,6 +144,8 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, 
     if optimizer is None:
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
     else:
+        for group, params in zip(state["optim"]["param_groups"], names, strict=True):
+            group["params"] = params
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng_file = path / "rng" / f"rank_{_rank()}.pt"
         if rng_file.is_file():

@@ -19,13 +19,14 @@ from pretrain.config import RunConfig
 from pretrain.data.loader import GlobalBatches, MicroBatch, build_datasets, read_ahead
 from pretrain.data.prepare import ensure_data, ensure_tokenizer
 from pretrain.errors import UserError
-from pretrain.generate import generate
+from pretrain.generate import generate, last_logits
 from pretrain.models.moe import moe_aux_loss
 from pretrain.models.transformer import build_model, flops_per_token, num_params
 from pretrain.parallel import mesh
 from pretrain.parallel.grads import clip_grad_norm_
 from pretrain.parallel.pipeline import Pipeline
 from pretrain.parallel.plan import all_reduce_sum, finish_gradients, parallelize
+from pretrain.parallel.schedules import SPLIT_BACKWARD
 from pretrain.train import checkpoint, preemption
 from pretrain.train.callbacks import build_callbacks, guided_steps
 from pretrain.train.metrics import MetricsLogger, console_line, format_duration
@@ -97,7 +98,8 @@ class Trainer:
         # pp > 1: self.model keeps only this rank's pipeline stages (global names) and the pipeline runs the step.
         self.pipeline = Pipeline(self.model, self.dims, cfg, self.device) if cfg.parallel.pp > 1 else None
         self.callbacks = build_callbacks(cfg, self.model, start_step) + (self.pipeline.callbacks if self.pipeline else [])
-        apply_activation_checkpointing(self.model, tr.activation_checkpointing)  # before FSDP wraps the blocks
+        split_backward = self.pipeline is not None and cfg.parallel.pp_schedule in SPLIT_BACKWARD
+        apply_activation_checkpointing(self.model, tr.activation_checkpointing, split_backward)  # before FSDP
         parallelize(self.model, self.dims, cfg, self.pipeline.modules if self.pipeline else None)
         apply_compile(self.model, tr.compile, tr.precision)
         self.loss_sum = compile_loss(lm_loss_sum, tr.compile)
@@ -253,12 +255,19 @@ class Trainer:
         return {"step": st["step"], "val_loss": last_val, "checkpoint": saved_at, "preempted": stop}
 
     def sample(self, prompt: str, max_new_tokens: int) -> str | None:
+        """A continuation of ``prompt``, drawn alike on every rank (all of them take part)."""
         if self.tokenizer is None or not prompt:
             return None
         self.model.eval()
+
+        def next_logits(context: torch.Tensor) -> torch.Tensor:
+            with devices.autocast(self.device, self.cfg.train.precision):
+                return last_logits(self.model(context))
+
         ids = [self.tokenizer.bos] + self.tokenizer.encode(prompt)
-        new = generate(self.model, ids, max_new_tokens, max_seq_len=self.cfg.data.seq_len,
-                       eos_id=self.tokenizer.eos, seed=self.cfg.train.seed, vocab_size=self.tokenizer.vocab_size)
+        new = generate(self.pipeline.next_token_logits if self.pipeline else next_logits, ids, max_new_tokens,
+                       max_seq_len=self.cfg.data.seq_len, device=self.device, eos_id=self.tokenizer.eos,
+                       seed=self.cfg.train.seed, vocab_size=self.tokenizer.vocab_size)
         return prompt + self.tokenizer.decode(new)
 
 
