@@ -367,3 +367,10 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor:
         return torch.stack(losses).sum()
     param = next(model.parameters(), None)
     return torch.zeros((), device=param.device if param is not None else "cpu")
+
+
+def release_aux_losses(model: nn.Module) -> None:
+    """Drop every MoE layer's last ``aux_loss`` once the step's backward has run: it holds that forward's graph
+    (under activation checkpointing also its recomputed activations) until the next forward otherwise."""
+    for layer in moe_layers(model):
+        layer.aux_loss = None

@@ -40,6 +40,7 @@ from torch.distributed.tensor import DTensor
 from pretrain import device as devices
 from pretrain.config import RunConfig
 from pretrain.generate import last_logits
+from pretrain.models.moe import release_aux_losses
 from pretrain.parallel import plan, schedules
 from pretrain.parallel.grads import clip_grad_norm_
 from pretrain.parallel.mesh import ParallelDims
@@ -279,6 +280,9 @@ class Pipeline:
             devices.synchronize(self.device)
             self._record(time.perf_counter() - t0)
         self.steps += 1
+        release_aux_losses(self.model)
+        for module in self.modules:
+            module.aux_loss = None
         loss = torch.stack(list(self.lm_losses.values())).sum() if self.lm_losses else torch.zeros((), device=self.device)
         dist.all_reduce(loss, group=self.group)  # only the last stage computed it
         plan.finish_gradients(self.model, self.dims, self.cfg)

@@ -20,7 +20,7 @@ from pretrain.data.loader import GlobalBatches, MicroBatch, build_datasets, read
 from pretrain.data.prepare import ensure_data, ensure_tokenizer
 from pretrain.errors import UserError
 from pretrain.generate import generate, last_logits
-from pretrain.models.moe import moe_aux_loss
+from pretrain.models.moe import moe_aux_loss, release_aux_losses
 from pretrain.models.transformer import build_model, flops_per_token, num_params
 from pretrain.parallel import mesh
 from pretrain.parallel.grads import clip_grad_norm_
@@ -148,6 +148,7 @@ class Trainer:
                 aux = moe_aux_loss(self.model) / self.aux_units if self.has_moe else None
                 ((loss if aux is None else loss + aux) * grad_scale).backward()
             loss_total += loss.detach()
+        release_aux_losses(self.model)
         finish_gradients(self.model, self.dims, self.cfg)
         for callback in self.callbacks:
             callback.on_after_backward(self, self.state["step"])
