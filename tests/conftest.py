@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,3 +47,35 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
     """Run `python -m pretrain ARGS` the way a user runs the console script."""
     return subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# ---- multi-process layouts against the single-process run (tests/test_distributed.py, test_pipeline.py) ----
+
+def torchrun_jobs(worker: str, nproc: int, jobs: list[dict], tmp: Path, port: int) -> None:
+    """Run every job of ``jobs`` under one torchrun launch of ``tests/WORKER`` (one process group for all);
+    the launch's output goes to ``tmp/torchrunN.log``, its first errors into the assertion message."""
+    job_file = tmp / f"jobs{nproc}.json"
+    job_file.write_text(json.dumps(jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                             "--master_port", str(port), str(REPO / "tests" / worker), str(job_file)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    (tmp / f"torchrun{nproc}.log").write_text(result.stdout + result.stderr)
+    first_errors = [line for line in result.stderr.splitlines() if "Error:" in line][:5]
+    assert result.returncode == 0, "\n".join(first_errors) + "\n" + result.stderr[-3000:]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+def assert_same_grads(ref: dict, got: dict, rtol: float = 1e-5) -> None:
+    """The same parameters, each gradient within ``rtol`` relative error (in norm) of the reference."""
+    assert ref.keys() == got.keys()
+    for name, g in ref.items():
+        err = (got[name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert err <= rtol, f"{name}: relative gradient error {err:.2e}"

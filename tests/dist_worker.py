@@ -16,8 +16,11 @@ from pretrain.train.trainer import Trainer
 
 
 class CaptureGrads(Callback):
-    def __init__(self, path: Path):
-        self.path = path
+    """Every parameter's full gradient after the first backward, under its global name: rank 0 writes them to
+    ``path``, or with ``per_rank`` every rank writes its own (its pipeline stages') to ``path.rankR.pt``."""
+
+    def __init__(self, path: Path | str, per_rank: bool = False):
+        self.path, self.per_rank = path, per_rank
 
     def on_after_backward(self, trainer, step: int) -> None:
         if step != 1:
@@ -25,8 +28,10 @@ class CaptureGrads(Callback):
         grads = {}
         for name, p in trainer.model.named_parameters():
             g = p.grad
-            grads[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().clone()
-        if trainer.rank == 0:
+            grads[name] = None if g is None else (g.full_tensor() if isinstance(g, DTensor) else g).detach().clone()
+        if self.per_rank:
+            torch.save(grads, f"{self.path}.rank{dist.get_rank()}.pt")
+        elif trainer.rank == 0:
             torch.save(grads, self.path)
 
 

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from pretrain.config import load_config
 from pretrain.parallel.pipeline import Stage
-from pretrain.train.callbacks import Callback
 from pretrain.train.speed import _SavedActivations
 from pretrain.train.trainer import Trainer
+from tests.dist_worker import CaptureGrads
 
 
 @register_flop_formula(torch.ops.aten._grouped_mm)
@@ -28,22 +27,6 @@ def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     """The grouped GEMM of the MoE experts (FlopCounterMode has no formula for it): every row of ``a`` meets
     one group's matrix, (T, K) x (G, K, N) forward and input gradient, (N, T) x (T, K) weight gradient."""
     return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
-
-
-class CaptureLocalGrads(Callback):
-    """Every gradient of this rank's stages after step 1 (full tensors), to ``PATH.rankR.pt``."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def on_after_backward(self, trainer, step: int) -> None:
-        if step != 1:
-            return
-        grads = {}
-        for name, p in trainer.model.named_parameters():
-            g = p.grad
-            grads[name] = None if g is None else (g.full_tensor() if isinstance(g, DTensor) else g).detach().clone()
-        torch.save(grads, f"{self.path}.rank{dist.get_rank()}.pt")
 
 
 class ActionProbe:
@@ -100,7 +83,7 @@ def main() -> None:
         cfg = load_config(None, job["overrides"])
         trainer = Trainer(cfg, log=lambda *a, **k: None)
         if job.get("grads"):
-            trainer.callbacks.append(CaptureLocalGrads(job["grads"]))
+            trainer.callbacks.append(CaptureGrads(job["grads"], per_rank=True))
         probe = ActionProbe(trainer) if job.get("probe") else None
         if probe:
             probe.install()

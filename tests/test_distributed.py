@@ -4,15 +4,13 @@ gradient after one step, losses over 5 steps, and checkpoints that resume under 
 One torchrun launch per world size runs all of its layouts, so each process group starts once."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from pretrain.train.trainer import run_training
+from tests.conftest import assert_same_grads, losses, torchrun_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = {
@@ -60,11 +58,6 @@ STEPS = ["train.max_steps=6", "train.stop_at_step=5", "checkpoint.interval=5", "
          "train.log_interval=1", "optim.warmup_steps=1"]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
-
-
 def capture_reference(cfg, path: Path) -> None:
     from pretrain.train.trainer import Trainer
     from tests.dist_worker import CaptureGrads
@@ -76,13 +69,7 @@ def capture_reference(cfg, path: Path) -> None:
 
 
 def torchrun(nproc: int, jobs: list[dict], tmp: Path) -> None:
-    job_file = tmp / f"jobs{nproc}.json"
-    job_file.write_text(json.dumps(jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                             "--master_port", str(29500 + nproc), str(REPO / "tests" / "dist_worker.py"),
-                             str(job_file)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    torchrun_jobs("dist_worker.py", nproc, jobs, tmp, port=29500 + nproc)
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +108,7 @@ def runs(tmp_path_factory, shared_cache):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, layout", CASES)
 def test_layout_matches_single_process(runs, kind, layout):
-    ref, got = torch.load(runs / f"ref_{kind}.pt"), torch.load(runs / f"{kind}_{layout}.pt")
-    assert ref.keys() == got.keys()
-    for name, g in ref.items():
-        err = (got[name] - g).norm() / g.norm().clamp_min(1e-12)
-        assert err <= 1e-5, f"{name}: relative gradient error {err:.2e}"
+    assert_same_grads(torch.load(runs / f"ref_{kind}.pt"), torch.load(runs / f"{kind}_{layout}.pt"))
     a, b = losses(runs / f"ref_{kind}"), losses(runs / f"{kind}_{layout}")
     assert abs(a[1] - b[1]) <= 1e-5 * abs(a[1])
     for step in range(1, 6):

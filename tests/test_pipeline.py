@@ -6,9 +6,6 @@ their timeline.
 One torchrun launch per world size runs every job of that size (tests/pipeline_worker.py)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from pretrain.config import ConfigError, load_config
 from pretrain.parallel import schedules
 from pretrain.parallel.stages import balance, stage_blocks, stage_costs
 from pretrain.train.trainer import run_training
+from tests.conftest import assert_same_grads, losses, records, torchrun_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = {
@@ -70,15 +68,6 @@ RESUMED = [("dense", "1f1b_2bp"), ("dense", "zbv"), ("tied", "1f1b"), ("moe", "z
            ("tied", "pp2_fsdp2")]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def merged_grads(prefix: Path, nproc: int) -> dict[str, torch.Tensor]:
     """Every rank's gradients under their global names; ranks holding the same parameter must agree."""
     merged: dict[str, torch.Tensor] = {}
@@ -91,15 +80,7 @@ def merged_grads(prefix: Path, nproc: int) -> dict[str, torch.Tensor]:
 
 
 def torchrun(nproc: int, jobs: list[dict], tmp: Path) -> None:
-    job_file = tmp / f"jobs{nproc}.json"
-    job_file.write_text(json.dumps(jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                             "--master_port", str(29600 + nproc), str(REPO / "tests" / "pipeline_worker.py"),
-                             str(job_file)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    (tmp / f"torchrun{nproc}.log").write_text(result.stdout + result.stderr)
-    first_errors = [line for line in result.stderr.splitlines() if "Error:" in line][:5]
-    assert result.returncode == 0, "\n".join(first_errors) + result.stderr[-3000:]
+    torchrun_jobs("pipeline_worker.py", nproc, jobs, tmp, port=29600 + nproc)
 
 
 @pytest.fixture(scope="module")
@@ -152,11 +133,7 @@ def runs(tmp_path_factory, shared_cache):
 @pytest.mark.parametrize("kind, layout", CASES)
 def test_pipeline_matches_single_process_grads(runs, kind, layout):
     ref = torch.load(runs / f"ref_{kind}.pt")
-    got = merged_grads(runs / f"{kind}_{layout}", LAYOUTS[layout][0])
-    assert ref.keys() == got.keys()
-    for name, g in ref.items():
-        err = (got[name] - g).norm() / g.norm().clamp_min(1e-12)
-        assert err <= 1e-5, f"{name}: relative gradient error {err:.2e}"
+    assert_same_grads(ref, merged_grads(runs / f"{kind}_{layout}", LAYOUTS[layout][0]))
     a, b = losses(runs / f"ref_{kind}"), losses(runs / f"{kind}_{layout}")
     assert sorted(b) == [1, 2, 3]
     assert abs(a[1] - b[1]) <= 1e-5 * abs(a[1])
