@@ -214,7 +214,7 @@ class ParallelConfig:
                          "1f1b_2bp"] = F("1f1b", "Pipeline schedule (METHODS.md 6); *_2bp split the backward into input and weight parts.")
     pp_virtual: int = F(1, "Pipeline stages per rank: interleaved_1f1b and zero_bubble take any, zbv and dualpipev need 2.")
     pp_layout: list[int] = F([], "Blocks per stage in stage order (pp x pp_virtual counts); empty = balanced by the cost model.")
-    pp_batch_weight_grads: bool = F(False, "Run the deferred weight gradients of consecutive W actions as one GEMM per linear layer.")
+    pp_batch_weight_grads: bool = F(False, "Run the deferred weight gradients of consecutive W actions as one GEMM per linear weight.")
     sequence_parallel: bool = F(False, "With tp > 1: shard norms and residuals along the sequence (Megatron SP).")
     loss_parallel: bool = F(True, "With tp > 1: vocab-parallel cross-entropy; the full logits are never gathered.")
     reshard_after_forward: bool = F(True, "FSDP2: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2).")
@@ -484,13 +484,10 @@ def _validate_pipeline(cfg: RunConfig) -> None:
         _require(p.pp_schedule in SPLIT_BACKWARD, "parallel.pp_batch_weight_grads",
                  f"batches deferred weight gradients, which {p.pp_schedule} does not have; use a split-backward "
                  f"schedule ({', '.join(sorted(SPLIT_BACKWARD))}).")
-        _require(p.tp == 1 and p.dp_replicate * p.dp_shard == 1, "parallel.pp_batch_weight_grads",
-                 "batches the plain (unsharded) linear weights of a pipeline: use it with parallel.tp=1 and no "
-                 "data parallelism.")
         _require(tr.activation_checkpointing == "none", "parallel.pp_batch_weight_grads",
                  "keeps every linear layer's input until the batched weight backward, which is what activation "
-                 "checkpointing drops (and its recomputation would run each layer twice in one microbatch); set "
-                 "parallel.pp_batch_weight_grads=false or train.activation_checkpointing=none.")
+                 "checkpointing drops; set parallel.pp_batch_weight_grads=false or "
+                 "train.activation_checkpointing=none.")
 
 
 def _validate_model(m: ModelConfig) -> None:

@@ -46,19 +46,26 @@ LAYOUTS = {  # name: (processes, overrides)
     "pp2_fsdp2": (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual=2"]),
     "pp2_ddp2": (4, ["parallel.pp=2", "parallel.dp_replicate=2", "parallel.pp_schedule=1f1b_2bp"]),
     "pp2_ep2": (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.ep=2", "parallel.pp_schedule=gpipe_2bp"]),
+    "pp2_tp2_sp_batched": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true",
+                               "parallel.pp_schedule=1f1b_2bp", "parallel.pp_batch_weight_grads=true"]),
+    "pp2_fsdp2_batched": (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=gpipe_2bp",
+                              "parallel.pp_batch_weight_grads=true"]),
+    "pp2_ddp2_batched": (4, ["parallel.pp=2", "parallel.dp_replicate=2", "parallel.pp_schedule=1f1b_2bp",
+                             "parallel.pp_batch_weight_grads=true"]),
 }
 PLAN = {
     "dense": [*VIRTUAL, "1f1b_2bp_batched", "zbv_batched", "1f1b_recompute", "1f1b_2bp_recompute", "zbv_recompute",
-              "pp2_tp2", "pp2_tp2_sp", "pp2_fsdp2", "pp2_ddp2", "pp4_1f1b_2bp"],
-    "tied": ["1f1b", "zbv", "pp2_tp2", "pp2_ddp2", "pp4_1f1b", "pp2_fsdp2"],  # pp2_fsdp2: zbv, both ends on rank 0
+              "pp2_tp2", "pp2_tp2_sp", "pp2_fsdp2", "pp2_ddp2", "pp4_1f1b_2bp", "pp2_tp2_sp_batched", "pp2_fsdp2_batched"],
+    "tied": ["1f1b", "zbv", "zbv_batched", "pp2_tp2", "pp2_ddp2", "pp4_1f1b", "pp2_fsdp2"],  # zbv: both ends on rank 0
     "moe": ["1f1b", "1f1b_2bp", "1f1b_2bp_batched", "zbv", "dualpipev", "interleaved_recompute", "1f1b_2bp_recompute",
             "zbv_recompute", "pp4_1f1b_2bp", "pp2_tp2", "pp2_fsdp2", "pp2_ep2"],
-    "lowrank": ["1f1b", "1f1b_2bp", "zero_bubble", "pp2_tp2", "pp2_fsdp2"],
+    "lowrank": ["1f1b", "1f1b_2bp", "1f1b_2bp_batched", "zero_bubble", "pp2_tp2", "pp2_fsdp2", "pp2_ddp2_batched"],
     "blockshuffle": ["gpipe_2bp", "pp2_tp2_sp", "pp2_ddp2"],
 }
 CASES = [(kind, layout) for kind, layouts in PLAN.items() for layout in layouts]
 PROBED = [("dense", "1f1b"), ("dense", "1f1b_2bp"), ("moe", "1f1b"), ("moe", "1f1b_2bp"), ("lowrank", "1f1b"),
-          ("lowrank", "1f1b_2bp"), ("dense", "1f1b_recompute"), ("dense", "1f1b_2bp_recompute")]
+          ("lowrank", "1f1b_2bp"), ("dense", "1f1b_recompute"), ("dense", "1f1b_2bp_recompute"),
+          ("lowrank", "1f1b_2bp_batched")]
 SIZE = ["model.num_layers=4", "data.micro_batch_size=2"]  # 4 blocks for 2 x 2 stages; 4 microbatches at dp 1
 STEPS = ["train.max_steps=4", "train.stop_at_step=3", "checkpoint.interval=3", "train.eval_interval=0",
          "train.log_interval=1", "optim.warmup_steps=1"]
@@ -168,6 +175,15 @@ def test_checkpointing_under_split_backward_changes_no_gradient_bit(runs, kind, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dense", "moe", "lowrank"])
+def test_batched_weight_gradients_equal_the_unbatched_ones(runs, kind):
+    """One GEMM over the stacked microbatches sums the same products as one GEMM per microbatch: only the
+    rounding differs."""
+    a, b = merged_grads(runs / f"{kind}_1f1b_2bp", 2), merged_grads(runs / f"{kind}_1f1b_2bp_batched", 2)
+    assert_same_grads(a, b)
+
+
+@pytest.mark.slow
 def test_gpipe_2bp_gradients_bit_equal_to_gpipe(runs):
     a, b = merged_grads(runs / "dense_gpipe", 2), merged_grads(runs / "dense_gpipe_2bp", 2)
     for name in a:
@@ -185,6 +201,16 @@ def test_input_backward_leaves_every_parameter_grad_untouched(runs, kind, layout
     for rank in (0, 1):
         result = probe(runs, kind, layout, rank)
         assert result["inputs_checked"] == 4 and result["changed"] == []
+
+
+@pytest.mark.slow
+def test_batched_weight_gradients_leave_the_input_backward_alone(runs):
+    """With pp_batch_weight_grads the input backward still changes no .grad and does exactly the input-gradient
+    work of the unbatched split (the low-rank factors' GEMMs wait for the batched W too)."""
+    for rank in (0, 1):
+        plain, batched = probe(runs, "lowrank", "1f1b_2bp", rank), probe(runs, "lowrank", "1f1b_2bp_batched", rank)
+        assert batched["inputs_checked"] == 4 and batched["changed"] == []
+        assert batched["flops"]["F"] == plain["flops"]["F"] and batched["flops"]["I"] == plain["flops"]["I"]
 
 
 @pytest.mark.slow
@@ -321,8 +347,6 @@ def test_explicit_layout_places_every_block_once():
       "optim.impl=foreach"], "optim.impl"),  # the tied weight, whole on rank 0, is no DTensor like the others
     (["parallel.pp_schedule=1f1b_2bp", "parallel.pp_batch_weight_grads=true", "train.activation_checkpointing=full"],
      "parallel.pp_batch_weight_grads"),  # keeps the linear inputs that checkpointing drops
-    (["parallel.pp_schedule=1f1b_2bp", "parallel.pp_batch_weight_grads=true", "parallel.tp=2"],
-     "parallel.pp_batch_weight_grads"),
 ])
 def test_impossible_pipeline_configs_fail_at_load(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -360,24 +384,38 @@ def test_split_backward_shrinks_the_simulated_bubble():
 
 
 def test_batched_weight_gradient_is_one_gemm_over_the_microbatches():
+    """Every parameter that reaches the forward only through F.linear (nn.Linear, both low-rank factors, a
+    weight used twice) gets dW = [dy_1; ...; dy_k]^T [x_1; ...; x_k] after input backwards that computed no
+    weight gradient; a parameter used otherwise too (here indexed) is left to autograd's weight backward."""
+    from pretrain.models.structured import LowRankLinear
     from pretrain.parallel.weight_grads import LinearWeightGrads
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.GELU(), torch.nn.Linear(16, 4, bias=False))
-    grads = LinearWeightGrads(model)
-    assert grads.batched_ids() == {id(p) for p in model.parameters()}
+    lowrank, twice, indexed = LowRankLinear(8, 16, 4), torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 4)
+    params = [lowrank.V, lowrank.U, twice.weight, indexed.weight, indexed.bias]
+    for p in params:
+        torch.nn.init.normal_(p, std=0.3)
+
+    def forward(x):
+        h = twice(twice(torch.nn.functional.gelu(lowrank(x))))
+        return indexed(h) * indexed.weight[0, 0]
+
+    grads = LinearWeightGrads()
     xs = [torch.randn(2, 3, 8, requires_grad=True) for _ in range(3)]
     outputs = []
     for m, x in enumerate(xs):
-        grads.microbatch = m
-        outputs.append(model(x))
+        with grads.forward(m):
+            outputs.append(forward(x))
+    batched = {id(lowrank.V), id(lowrank.U), id(twice.weight)}
     for m, (x, y) in enumerate(zip(xs, outputs, strict=True)):  # the input backward: dy is caught, no dW computed
-        grads.capturing.add(m)
-        torch.autograd.grad(y.square().sum(), x, retain_graph=True)
-    assert all(p.grad is None for p in model.parameters())
+        assert grads.batched(m) == batched
+        with grads.input_backward(m):
+            torch.autograd.grad(y.square().sum(), x, retain_graph=True)
+    assert all(p.grad is None for p in params)
     grads.run([0, 1, 2])
-    expected = torch.autograd.grad(sum(y.square().sum() for y in outputs), list(model.parameters()))
-    for p, g in zip(model.parameters(), expected, strict=True):
+    assert indexed.weight.grad is None and indexed.bias.grad is None and not grads.calls
+    expected = torch.autograd.grad(sum(y.square().sum() for y in outputs), params[:3])
+    for p, g in zip(params[:3], expected, strict=True):
         torch.testing.assert_close(p.grad, g)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -88,21 +88,22 @@ class Stage(PipelineStage):
         super().__init__(*args, **kwargs)
         self.clock, self.weight_grads = clock, weight_grads
         self.embedded: dict[int, torch.Tensor] = {}  # first stage: each microbatch's embedding output
+        self.backward_chunk: int | None = None  # the microbatch whose I or W runs
 
     def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
-        if self.weight_grads is not None:
-            self.weight_grads.microbatch = fwd_chunk_id
-        with self.clock("F"):
+        watch = self.weight_grads.forward(fwd_chunk_id) if self.weight_grads is not None else nullcontext()
+        with self.clock("F"), watch:
             output = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
         if self.is_first and self.has_backward:
             self.embedded[fwd_chunk_id], self.submod.embedded = self.submod.embedded, None
         return output
 
     def backward_one_chunk(self, bwd_chunk_id: int, loss=None, full_backward: bool = True, last_backward=False):
-        if self.weight_grads is not None and not full_backward:
-            self.weight_grads.capturing.add(bwd_chunk_id)
+        self.backward_chunk = bwd_chunk_id
         embedded = self.embedded.pop(bwd_chunk_id, None)
-        with self.clock("B" if full_backward else "I"):
+        catch = (self.weight_grads.input_backward(bwd_chunk_id) if self.weight_grads is not None and not full_backward
+                 else nullcontext())
+        with self.clock("B" if full_backward else "I"), catch:
             if self.is_first and not full_backward and self.has_backward:
                 self._first_input_backward(bwd_chunk_id, embedded)
             else:
@@ -127,6 +128,7 @@ class Stage(PipelineStage):
     def backward_weights(self, microbatches: list[int], last_backward: bool = False) -> None:
         """The W action of several microbatches: autograd's weight backward of each, then the batched GEMMs."""
         for mb in microbatches:
+            self.backward_chunk = mb
             if not self.is_first:
                 super().backward_weight_one_chunk(mb, last_backward)
                 continue
@@ -148,7 +150,7 @@ class Stage(PipelineStage):
             self.submod.set_requires_gradient_sync(False)
         skip = {id(m.weight) for m in self.submod.modules() if isinstance(m, nn.Embedding)} if self.is_first else set()
         if self.weight_grads is not None:
-            skip |= self.weight_grads.batched_ids()
+            skip |= self.weight_grads.batched(self.backward_chunk)
         params = [p for p in self.submod.parameters() if id(p) not in skip]
         if backward_type == "input":
             return stage_backward_input(bwd_kwargs["stage_output"], bwd_kwargs["output_grads"],
@@ -229,7 +231,7 @@ class Pipeline:
         stages = []
         for index, module in zip(self.local, self.modules, strict=True):
             stages.append(Stage(module, index, self.num_stages, self.device, group=self.group, clock=self.clock,
-                                weight_grads=LinearWeightGrads(module) if p.pp_batch_weight_grads else None))
+                                weight_grads=LinearWeightGrads() if p.pp_batch_weight_grads else None))
         self.runtime = _PipelineScheduleRuntime(stages, microbatches, loss_fn=self._loss, scale_grads=False)
         self.runtime._prepare_schedule_with_comms(
             schedules.compute_order(p.pp_schedule, p.pp, microbatches, p.pp_virtual))
