@@ -27,6 +27,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from pretrain.config import RunConfig
 from pretrain.data.loader import MicroBatch
 from pretrain.errors import UserError
 from pretrain.models.transformer import flops_per_token
+
+if TYPE_CHECKING:
+    from pretrain.train.trainer import Trainer
 
 Step = Callable[[list[MicroBatch]], torch.Tensor]
 
@@ -65,8 +69,8 @@ def _synthetic_dataset(prefix: Path, cfg: RunConfig) -> None:
     builder.finalize(f"{prefix}.idx")
 
 
-def our_step(cfg: RunConfig, workdir: Path, steps: int) -> Step:
-    """Our Trainer's optimizer step, built as ``pretrain train`` builds it."""
+def our_trainer(cfg: RunConfig, workdir: Path, steps: int) -> Trainer:
+    """Our Trainer, built as ``pretrain train`` builds it, on random ids written under ``workdir``."""
     from pretrain.config import BlendEntry
     from pretrain.train.trainer import Trainer
 
@@ -80,6 +84,12 @@ def our_step(cfg: RunConfig, workdir: Path, steps: int) -> Step:
         warnings.filterwarnings("ignore", message="The pad token id in the tokenizer collides")
         trainer = Trainer(cfg, log=lambda *a, **k: None)
     trainer.model.train()
+    return trainer
+
+
+def our_step(cfg: RunConfig, workdir: Path, steps: int) -> Step:
+    """Our Trainer's optimizer step."""
+    trainer = our_trainer(cfg, workdir, steps)
     return lambda micro_batches: trainer.train_step(micro_batches)[0]
 
 
@@ -107,7 +117,8 @@ def hf_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
                         f"'{kind}' (norm {m.norm}, placement {m.norm_placement}, ffn {m.ffn.kind}/{m.ffn.activation}, "
                         f"router {m.moe.router}); use a pre-norm RMSNorm SwiGLU model, dense or top-k softmax MoE.")
     torch.manual_seed(cfg.train.seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    # fp32 weights (torch's default dtype; the dtype keyword is spelt differently across transformers versions)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model.to(device).train()
 
 
@@ -226,7 +237,8 @@ def run_bench(cfg: RunConfig, *, against: str | None = None, steps: int = 10, wa
                              "attn_implementation": model.config._attn_implementation,
                              "loss": "lm_loss_sum on the HF logits with pre-shifted labels (no logits slicing)"})
         if cfg.model.moe.num_experts:
-            result["hf"]["experts_implementation"] = model.config._experts_implementation
+            # transformers >= 5 picks an experts kernel (eager loop, grouped_mm, ...); 4.x always loops
+            result["hf"]["experts_implementation"] = getattr(model.config, "_experts_implementation", "eager loop")
         result["speedup"] = result["ours"]["tokens_per_s"] / result["hf"]["tokens_per_s"]
         # Noise only ever adds time: the ratio of the fastest steps is the least disturbed view.
         result["speedup_fastest_steps"] = result["hf"]["step_time_s"]["min"] / result["ours"]["step_time_s"]["min"]

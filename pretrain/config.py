@@ -95,6 +95,9 @@ class ModelConfig:
         "pre", "Where N sits in a block (METHODS.md 1); mix = post for the first mix_ln_ratio of blocks, then pre.")
     mix_ln_ratio: float = F(0.25, "Mix-LN: blocks with 0-based index < floor(ratio * num_layers) are post-LN.")
     norm_scaling: Literal["none", "lns"] = F("none", "lns = LayerNorm Scaling: norm outputs of block l times 1/sqrt(l).")
+    attention_kernel: Literal["auto", "sdpa", "blocked"] = F(
+        "auto", "Exact causal attention kernel: sdpa (flash on GPU), blocked (skips masked key blocks; fastest on a "
+        "CPU, keeps 5/8 of the seq x seq probabilities for backward), auto = blocked on a CPU, sdpa elsewhere.")
     ffn: FFNConfig = S(FFNConfig, "Feed-forward layers (dense or structured).")
     moe: MoEConfig = S(MoEConfig, "Mixture of experts.")
 

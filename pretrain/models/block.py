@@ -63,7 +63,7 @@ class Block(nn.Module):
         self.placement = placement(cfg, layer_idx)
         self.scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.norm_scaling == "lns" else 1.0
         self.attn_norm = build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.kv_heads)
+        self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.attention_kernel)
         self.ffn_norm = build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
         self.ffn = build_ffn(cfg, layer_idx)
         self.is_moe = is_moe_block(cfg, layer_idx)
