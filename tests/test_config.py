@@ -71,6 +71,17 @@ def test_cli_prints_resolved_config(tmp_path):
     assert set(resolved) == {f.name for f in dataclasses.fields(RunConfig)}
 
 
+def test_cli_takes_overrides_before_and_after_the_options():
+    from pretrain.cli import main
+
+    assert main(["config", "configs/quickstart.yaml", "train.max_steps=5", "--get", "train.max_steps"]) == 0
+    result = run_cli("config", "configs/quickstart.yaml", "--get", "train.max_steps", "train.max_steps=7",
+                     "optim.lr=0.5")
+    assert result.returncode == 0 and result.stdout.strip() == "7", result.stderr
+    bad = run_cli("config", "configs/quickstart.yaml", "--get", "train.max_steps", "--no-such-option")
+    assert bad.returncode == 2 and "unrecognized arguments: --no-such-option" in bad.stderr
+
+
 def test_every_shipped_config_loads():
     from pathlib import Path
 
