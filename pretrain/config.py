@@ -97,7 +97,7 @@ class ModelConfig:
     norm_scaling: Literal["none", "lns"] = F("none", "lns = LayerNorm Scaling: norm outputs of block l times 1/sqrt(l).")
     attention_kernel: Literal["auto", "sdpa", "blocked"] = F(
         "auto", "Exact causal attention kernel: sdpa (flash on GPU), blocked (skips masked key blocks; fastest on a "
-        "CPU, keeps 5/8 of the seq x seq probabilities for backward), auto = blocked on a CPU, sdpa elsewhere.")
+        "CPU, keeps 5/8 of the seq x seq probabilities for backward), auto = blocked on a CPU in bf16 or compiled, else sdpa.")
     ffn: FFNConfig = S(FFNConfig, "Feed-forward layers (dense or structured).")
     moe: MoEConfig = S(MoEConfig, "Mixture of experts.")
 

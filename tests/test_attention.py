@@ -53,10 +53,15 @@ def test_compiled_blocked_matches_sdpa():
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_kernel_on_a_cpu_is_the_blocked_one():
-    for dtype in (torch.float32, torch.bfloat16):
-        q, k, v = qkv(dtype)
-        assert torch.equal(causal_attention(q, k, v), blocked_causal_attention(q, k, v))
+def test_auto_kernel_on_a_cpu_is_the_blocked_one_in_bf16_or_compiled():
+    q, k, v = qkv(torch.bfloat16)
+    assert torch.equal(causal_attention(q, k, v), blocked_causal_attention(q, k, v))
+    q, k, v = qkv(torch.float32)
+    flash = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.equal(causal_attention(q, k, v), flash)
+    compiled = torch.compile(causal_attention)(q, k, v)
+    torch.testing.assert_close(compiled, blocked_causal_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(compiled, flash)
 
 
 def test_tensor_parallel_ranks_with_half_the_heads_sum_to_the_full_attention():
