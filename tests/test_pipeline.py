@@ -44,6 +44,8 @@ LAYOUTS = {  # name: (processes, overrides)
     "pp2_tp2_sp": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true",
                        "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual=2"]),
     "pp2_fsdp2": (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual=2"]),
+    "pp2_fsdp2_recompute": (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=zbv",
+                                "parallel.pp_virtual=2", "train.activation_checkpointing=selective"]),
     "pp2_ddp2": (4, ["parallel.pp=2", "parallel.dp_replicate=2", "parallel.pp_schedule=1f1b_2bp"]),
     "pp2_ep2": (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.ep=2", "parallel.pp_schedule=gpipe_2bp"]),
     "pp2_tp2_sp_batched": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true",
@@ -55,7 +57,8 @@ LAYOUTS = {  # name: (processes, overrides)
 }
 PLAN = {
     "dense": [*VIRTUAL, "1f1b_2bp_batched", "zbv_batched", "1f1b_recompute", "1f1b_2bp_recompute", "zbv_recompute",
-              "pp2_tp2", "pp2_tp2_sp", "pp2_fsdp2", "pp2_ddp2", "pp4_1f1b_2bp", "pp2_tp2_sp_batched", "pp2_fsdp2_batched"],
+              "pp2_tp2", "pp2_tp2_sp", "pp2_fsdp2", "pp2_ddp2", "pp4_1f1b_2bp", "pp2_tp2_sp_batched", "pp2_fsdp2_batched",
+              "pp2_fsdp2_recompute"],
     "tied": ["1f1b", "zbv", "zbv_batched", "pp2_tp2", "pp2_ddp2", "pp4_1f1b", "pp2_fsdp2"],  # zbv: both ends on rank 0
     "moe": ["1f1b", "1f1b_2bp", "1f1b_2bp_batched", "zbv", "dualpipev", "interleaved_recompute", "1f1b_2bp_recompute",
             "zbv_recompute", "pp4_1f1b_2bp", "pp2_tp2", "pp2_fsdp2", "pp2_ep2"],
