@@ -60,9 +60,9 @@ PLAN = {
               "pp2_tp2", "pp2_tp2_sp", "pp2_fsdp2", "pp2_ddp2", "pp4_1f1b_2bp", "pp2_tp2_sp_batched", "pp2_fsdp2_batched",
               "pp2_fsdp2_recompute"],
     "tied": ["1f1b", "zbv", "zbv_batched", "pp2_tp2", "pp2_ddp2", "pp4_1f1b", "pp2_fsdp2"],  # zbv: both ends on rank 0
-    "moe": ["1f1b", "1f1b_2bp", "1f1b_2bp_batched", "zbv", "dualpipev", "interleaved_recompute", "1f1b_2bp_recompute",
-            "zbv_recompute", "pp4_1f1b_2bp", "pp2_tp2", "pp2_fsdp2", "pp2_ep2"],
-    "lowrank": ["1f1b", "1f1b_2bp", "1f1b_2bp_batched", "zero_bubble", "pp2_tp2", "pp2_fsdp2", "pp2_ddp2_batched"],
+    "moe": [*VIRTUAL, "1f1b_2bp_batched", "interleaved_recompute", "1f1b_2bp_recompute", "zbv_recompute",
+            "pp4_1f1b_2bp", "pp2_tp2", "pp2_fsdp2", "pp2_ep2"],
+    "lowrank": [*VIRTUAL, "1f1b_2bp_batched", "pp2_tp2", "pp2_fsdp2", "pp2_ddp2_batched"],
     "blockshuffle": ["gpipe_2bp", "pp2_tp2_sp", "pp2_ddp2"],
 }
 CASES = [(kind, layout) for kind, layouts in PLAN.items() for layout in layouts]
