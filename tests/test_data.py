@@ -76,6 +76,24 @@ def test_gpt_dataset_packs_seq_len_plus_one_with_seeded_shuffle(tmp_path, tiny_c
     assert [train[i]["tokens"].tolist() for i in range(8)] == [again[i]["tokens"].tolist() for i in range(8)]
 
 
+def test_rebuilt_data_under_the_same_prefix_gets_fresh_indices(tmp_path, tiny_cfg, tokenizer):
+    """megatron-core keys its sample-index cache by the config: the data key keeps a corpus rebuilt with fewer
+    documents (another machine's embedded corpus) from being read through the old, longer indices."""
+    cfg = tiny_cfg("data.seq_len=16", "data.split=90,10,0")
+    docs = list(corpus.documents(DataConfig(embedded_docs=40)))
+    blend = [(str(tmp_path / "c"), 1.0)]
+    preprocess(docs, tokenizer, tmp_path / "c", workers=1)
+    first, _ = build_datasets(cfg, blend, tokenizer, tmp_path / "idx", 64, 8)
+    preprocess(docs[:10], tokenizer, tmp_path / "c", workers=1)
+    train, valid = build_datasets(cfg, blend, tokenizer, tmp_path / "idx", 64, 8)
+    assert first.document_index.max() >= 10
+    for ds in (train, valid):  # indices over the 10 new documents only, and every sample reads
+        assert ds.document_index.max() < 10
+        assert all(ds[i]["tokens"].shape == (16,) for i in range(len(ds)))
+    assert len(list((tmp_path / "idx").iterdir())) == 2  # one cache folder per version of the data
+    assert not (tmp_path / "c").exists()  # nothing is written next to the data
+
+
 def test_global_batches_slice_the_global_position(tmp_path, tiny_cfg, tokenizer):
     cfg = tiny_cfg("data.seq_len=16", "data.split=100,0,0")
     preprocess(list(corpus.documents(DataConfig(embedded_docs=20))), tokenizer, tmp_path / "c", workers=1)

@@ -9,13 +9,14 @@ prefetching changes no sample and resuming stays exact.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -47,6 +48,23 @@ class TokenIds:
         self.unique_identifiers = {"class": "pretrain.TokenIds", "vocab_size": vocab_size}
 
 
+def data_key(blend: list[tuple[str, float]], sample: int = 4 << 20) -> str:
+    """A digest of the data itself: each prefix's file sizes and the head and tail of its .idx (the document
+    lengths and offsets). megatron-core keys its sample-index cache by the dataset config alone, so without
+    this a corpus rebuilt under the same prefix (other documents, tokenizer or machine) would be read through
+    the old indices. Reads at most 8 MiB per prefix, and is the same for every copy of the same files."""
+    h = hashlib.sha1()
+    for prefix, _ in blend:
+        h.update(f"{prefix}:{os.path.getsize(f'{prefix}.bin')}:".encode())
+        with open(f"{prefix}.idx", "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            h.update(f"{size}:".encode() + f.read(sample))
+            if size > sample:
+                f.seek(max(sample, size - sample))
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def build_datasets(cfg: RunConfig, blend: list[tuple[str, float]], tokenizer, cache_dir: Path,
                    train_samples: int, valid_samples: int):
     """(train, valid) datasets through megatron-core's builder; ``valid`` is None for a 0 valid split."""
@@ -58,9 +76,9 @@ def build_datasets(cfg: RunConfig, blend: list[tuple[str, float]], tokenizer, ca
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed, sequence_length=cfg.data.seq_len,
         blend=([p for p, _ in blend], [w for _, w in blend] if len(blend) > 1 else None),
-        # megatron-core's index cache is written by rank 0 behind a barrier, so it needs a process group;
-        # a single process builds the (seconds-cheap) indices in memory instead.
-        split=cfg.data.split, path_to_cache=str(cache_dir) if dist.is_initialized() else None,
+        # megatron-core's sample-index cache (rank 0 writes, the others wait at a barrier and read), one
+        # folder per version of the data; left unset, it would go next to the data, keyed by the config only.
+        split=cfg.data.split, path_to_cache=str(cache_dir / data_key(blend)),
         tokenizer=tokenizer if tokenizer is not None else TokenIds(cfg.model.vocab_size),
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
     train, valid, _ = BlendedMegatronDatasetBuilder(
