@@ -372,3 +372,28 @@ def test_first_grouped_gemm_probe_inside_a_checkpointed_forward(selective):
     expected.square().sum().backward()
     for a, b in zip(plain.parameters(), checkpointed.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_compiled_moe_block_probes_once_before_compile_and_has_no_graph_break():
+    """The grouped-GEMM probe (a tiny forward and backward) runs in apply_compile, eagerly: traced inside the
+    compiled block it broke the graph and ran again on every forward."""
+    from torch._dynamo.utils import counters
+
+    from pretrain.models.moe import grouped_mm_works
+    from pretrain.models.transformer import build_model
+    from pretrain.train.speed import apply_compile
+
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=D, num_layers=2, num_heads=2, ffn_hidden_size=FF)
+    cfg.moe = MoEConfig(num_experts=E, top_k=2)
+    model = build_model(cfg, 0)
+    grouped_mm_works.cache_clear()
+    torch._dynamo.reset()
+    counters.clear()
+    apply_compile(model, True, "bf16")
+    probed = grouped_mm_works.cache_info()
+    assert probed.currsize == 1
+    assert all(layer.grouped for layer in moe_layers(model))  # bf16 grouped GEMM runs on this CPU
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, VOCAB, (2, 8))).float().square().mean().backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert grouped_mm_works.cache_info() == probed  # not called again, inside the graph or out

@@ -101,7 +101,9 @@ def test_resume_with_prefetch_equals_uninterrupted_bitwise(tiny_cfg, tmp_path):
 
 
 def test_profile_writes_a_trace_of_the_recorded_steps(tiny_cfg):
-    cfg = tiny_cfg("train.profile=true", "train.profile_steps=2", "train.max_steps=5", "train.eval_interval=0")
+    # 9 steps: long enough for a second cycle of wait/warm-up/record, which must not happen (the profiler's
+    # overhead would stay on for the whole run, one more trace every 4 steps)
+    cfg = tiny_cfg("train.profile=true", "train.profile_steps=2", "train.max_steps=9", "train.eval_interval=0")
     run_training(cfg, log=quiet)
     traces = list((Path(cfg.train.run_dir) / "profile").glob("*.pt.trace.json"))
     assert len(traces) == 1
@@ -114,7 +116,8 @@ def test_profile_writes_a_trace_of_the_recorded_steps(tiny_cfg):
 def test_bench_cli_against_hf_writes_ratio_json(tiny_overrides, tmp_path):
     out = tmp_path / "bench.json"
     result = run_cli("bench", "configs/bench_small.yaml", *tiny_overrides, "model.vocab_size=640", "train.compile=false",
-                     "--against", "hf", "--steps", "2", "--warmup", "1", "--out", str(out))
+                     "--against", "hf", "--steps", "2", "--warmup", "1", "--out", str(out),
+                     "--profile", str(tmp_path / "prof"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "speedup ours/hf" in result.stdout and "MFU" in result.stdout
     data = json.loads(out.read_text())
@@ -125,6 +128,14 @@ def test_bench_cli_against_hf_writes_ratio_json(tiny_overrides, tmp_path):
     assert data["speedup"] == pytest.approx(data["ours"]["tokens_per_s"] / data["hf"]["tokens_per_s"])
     assert data["hf"]["model_class"] == "LlamaForCausalLM" and data["hf"]["attn_implementation"] == "sdpa"
     assert data["settings"]["precision"] == {"ours": "bf16", "hf": "bf16"}
+    for name in ("ours", "hf"):  # --profile: a trace per variant, where the time went in the JSON and printed
+        trace = json.loads((tmp_path / "prof" / f"{name}.trace.json").read_text())
+        assert any("aten::mm" in e.get("name", "") for e in trace["traceEvents"])
+        prof = data["profile"][name]
+        assert prof["top"] and sum(row["share"] for row in prof["top"]) <= 1.0 + 1e-9
+        assert any("mm" in row["name"] for row in prof["top"][:10])
+        assert 0 < prof["busy_ms_per_step"] <= 1.05 * prof["wall_ms_per_step"]  # self times add up to the wall
+    assert "CPU operators (self time), per step" in result.stdout
 
 
 def test_bench_against_mixtral_for_moe_shapes(tiny_cfg):

@@ -239,8 +239,9 @@ class MoE(nn.Module):
                     weights: dict[str, torch.Tensor]) -> torch.Tensor:
         """Expert outputs for assignments sorted by expert, ``counts[e]`` of them for expert e, with
         ``weights`` the stacked weights of exactly those experts."""
-        if self.experts is None and self.grouped and grouped_mm_works(
-                xs.device.type, xs.dtype, xs.shape[-1], weights["w_up"].shape[1]):
+        # Compiled blocks were probed before compilation (train.speed.apply_compile): no probe in the graph.
+        if self.experts is None and self.grouped and (torch.compiler.is_compiling() or grouped_mm_works(
+                xs.device.type, xs.dtype, xs.shape[-1], weights["w_up"].shape[1])):
             return self._grouped_experts(xs, counts, weights)
         return self._looped_experts(xs, counts, kept_counts, weights)
 

@@ -36,7 +36,7 @@ from torch.utils.checkpoint import (
 )
 
 from pretrain.config import TrainConfig
-from pretrain.models.moe import moe_layers
+from pretrain.models.moe import grouped_mm_works, moe_layers
 
 _aten = torch.ops.aten
 # Selective checkpointing keeps what is expensive to recompute: the outputs of matmuls (every linear),
@@ -176,12 +176,16 @@ class _SavedActivations:
 def apply_compile(model: nn.Module, enabled: bool, precision: str) -> None:
     """Regional compilation: each block compiled in place. Blocks share their code, so one graph serves
     all of them and compile time does not grow with depth. Compiled ``torch._grouped_mm`` takes bf16 only
-    (torch 2.13), so in fp32 the MoE layers run their experts with the per-expert loop."""
+    (torch 2.13), so in fp32 the MoE layers run their experts with the per-expert loop. Whether the grouped
+    GEMM runs at all is probed here, eagerly: traced inside the graph, the probe (a forward and backward)
+    would break the graph and run again on every forward."""
     if not enabled:
         return
-    if precision != "bf16":
-        for layer in moe_layers(model):
-            layer.grouped = False
+    for layer in moe_layers(model):
+        if layer.experts is None and layer.grouped:
+            w = layer.w_up  # (experts, out, in); a DTensor's device is its local shard's
+            layer.grouped = precision == "bf16" and grouped_mm_works(w.device.type, torch.bfloat16, w.shape[-1],
+                                                                     w.shape[-2])
     for block in model.blocks.values():
         block.compile()
 
@@ -204,7 +208,8 @@ class StepProfiler:
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        self.prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=cfg.profile_steps),
+        once = schedule(wait=1, warmup=1, active=cfg.profile_steps, repeat=1)  # repeat=0 would cycle all run long
+        self.prof = profile(activities=activities, schedule=once,
                             on_trace_ready=tensorboard_trace_handler(str(run_dir / "profile"), f"rank{rank}"),
                             record_shapes=True, profile_memory=True, acc_events=True)
 
