@@ -154,7 +154,8 @@ def hf_step(cfg: RunConfig, model: torch.nn.Module, device: torch.device, precis
 def matmul_peak_tflops(device: torch.device, precision: str) -> float:
     """The best matmul rate over a few square sizes: the peak this machine reaches right now."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return max(devices.measure_matmul_tflops(device, dtype, n=n, seconds=0.4) for n in (1024, 2048, 4096))
+    sizes = (1024, 2048, 4096) + ((8192,) if device.type == "cuda" else ())  # a GPU needs 8192 to fill up
+    return max(devices.measure_matmul_tflops(device, dtype, n=n, seconds=0.4) for n in sizes)
 
 
 def _summary(times: list[float], losses: list[float], mems: list[float], tokens_per_step: int, flops: float,
@@ -172,8 +173,53 @@ def _summary(times: list[float], losses: list[float], mems: list[float], tokens_
     return out
 
 
+def profile_steps(variants: dict[str, Step], batches: list[list[MicroBatch]], device: torch.device,
+                  out_dir: Path, log=print) -> dict[str, dict]:
+    """Each variant's ``len(batches)`` further steps under ``torch.profiler``: a Chrome/Perfetto trace per variant
+    in ``out_dir`` and where the time went, which is printed and returned. On a GPU that is the kernels (read
+    from the trace, so that an operator and the kernels it launched are not counted twice) and the share of
+    the wall time the GPU was busy; on a CPU the operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {}
+    for name, step in variants.items():
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for micro_batches in batches:
+                step(micro_batches)
+            devices.synchronize(device)
+            wall = time.perf_counter() - t0
+        trace = out_dir / f"{name}.trace.json"
+        prof.export_chrome_trace(str(trace))
+        totals: dict[str, list[float]] = {}  # name -> [calls, microseconds]
+        if gpu:
+            for event in json.loads(trace.read_text())["traceEvents"]:
+                if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+                    row = totals.setdefault(event["name"], [0, 0.0])
+                    row[0], row[1] = row[0] + 1, row[1] + event.get("dur", 0.0)
+        else:
+            totals = {e.key: [e.count, e.self_cpu_time_total] for e in prof.key_averages()}
+        busy = sum(us for _, us in totals.values())
+        top = sorted(totals.items(), key=lambda kv: kv[1][1], reverse=True)[:25]
+        result[name] = {
+            "wall_ms_per_step": 1e3 * wall / len(batches),
+            "busy_ms_per_step": busy / 1e3 / len(batches),
+            "top": [{"name": k[:200], "calls": int(n), "ms_per_step": us / 1e3 / len(batches), "share": us / (busy or 1.0)}
+                    for k, (n, us) in top]}
+        what = "GPU kernels" if gpu else "CPU operators (self time)"
+        log(f"{name}: {what}, per step: {result[name]['busy_ms_per_step']:.1f} ms busy in "
+            f"{result[name]['wall_ms_per_step']:.1f} ms wall (profiled; trace {trace})")
+        for row in result[name]["top"][:12]:
+            log(f"  {100 * row['share']:5.1f}%  {row['ms_per_step']:8.2f} ms  {row['calls'] // len(batches):>5}x  "
+                f"{row['name'][:100]}")
+    return result
+
+
 def run_bench(cfg: RunConfig, *, against: str | None = None, steps: int = 10, warmup: int = 3,
-              hf_precision: str = "same", log=print) -> dict:
+              hf_precision: str = "same", profile_dir: str | Path | None = None, log=print) -> dict:
     """Measure, print a table through ``log`` and return the figures (see the module docstring)."""
     if steps < 1 or warmup < 0:
         raise UserError(f"--steps must be at least 1 and --warmup at least 0, got {steps} and {warmup}.")
@@ -210,6 +256,7 @@ def run_bench(cfg: RunConfig, *, against: str | None = None, steps: int = 10, wa
                 log(f"  step {i + 1:>3}/{warmup + steps} {name:<4} {elapsed:7.3f} s  loss {float(loss):.4f}"
                     + ("  (warm-up)" if i < warmup else ""))
         peaks = {p: max(peaks[p], matmul_peak_tflops(device, p)) for p in peaks}  # again after: noisy machines
+        tops = profile_steps(variants, batches[-2:], device, Path(profile_dir), log) if profile_dir else None
     d = cfg.data
     tokens_per_step = d.global_batch_size * d.seq_len
     flops = flops_per_token(cfg.model, d.seq_len)
@@ -230,6 +277,8 @@ def run_bench(cfg: RunConfig, *, against: str | None = None, steps: int = 10, wa
     for name in names:
         result[name] = _summary(times[name], losses[name], mems[name], tokens_per_step, flops,
                                 peaks[precision[name]], devices.datasheet_tflops(device, precision[name]))
+    if tops is not None:
+        result["profile"] = {"dir": str(profile_dir), "steps": 2, **tops}
     if "hf" in variants:
         import transformers
 

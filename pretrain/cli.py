@@ -63,7 +63,7 @@ def _bench(args) -> int:
     from pretrain.bench import run_bench, write_json
 
     result = run_bench(load_config(args.config, args.overrides), against=args.against, steps=args.steps,
-                       warmup=args.warmup, hf_precision=args.hf_precision)
+                       warmup=args.warmup, hf_precision=args.hf_precision, profile_dir=args.profile)
     if args.out:
         write_json(result, args.out)
         print(f"results -> {args.out}")
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=10, help="timed optimizer steps per variant")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     bench.add_argument("--out", help="write the results as JSON to this file")
+    bench.add_argument("--profile", metavar="DIR", help="after timing, profile 2 more steps of each variant: "
+                       "a trace per variant in DIR and the top operators printed")
     bench.set_defaults(fn=_bench)
     from pretrain.parallel.schedules import SCHEDULES
 
