@@ -13,8 +13,8 @@ peak measured on the spot for the precision in use (and, on a known GPU, by the 
   Its logits get our loss (``lm_loss_sum``: labels shifted in the data, logits never sliced), so both sides
   compute the same thing; Mixtral's balance loss is added as in training.
 
-Peak memory: on a GPU each variant's own peak (allocator statistics reset before each of its steps); on a
-CPU only the process-wide resident high-water mark exists, which the two variants share.
+Peak memory, over the timed steps: on a GPU each variant's own peak (allocator statistics reset before each
+of its steps); on a CPU only the process-wide resident high-water mark exists, which the two variants share.
 """
 
 from __future__ import annotations
@@ -249,10 +249,10 @@ def run_bench(cfg: RunConfig, *, against: str | None = None, steps: int = 10, wa
                 loss = variants[name](micro_batches)
                 devices.synchronize(device)
                 elapsed = time.perf_counter() - t0
-                mems[name].append(devices.peak_memory_mb(device))
                 losses[name].append(float(loss))
-                if i >= warmup:
+                if i >= warmup:  # the steady state: compilation's and the first step's allocations left out
                     times[name].append(elapsed)
+                    mems[name].append(devices.peak_memory_mb(device))
                 log(f"  step {i + 1:>3}/{warmup + steps} {name:<4} {elapsed:7.3f} s  loss {float(loss):.4f}"
                     + ("  (warm-up)" if i < warmup else ""))
         peaks = {p: max(peaks[p], matmul_peak_tflops(device, p)) for p in peaks}  # again after: noisy machines

@@ -92,6 +92,17 @@ def test_rebuilt_data_under_the_same_prefix_gets_fresh_indices(tmp_path, tiny_cf
         assert all(ds[i]["tokens"].shape == (16,) for i in range(len(ds)))
     assert len(list((tmp_path / "idx").iterdir())) == 2  # one cache folder per version of the data
     assert not (tmp_path / "c").exists()  # nothing is written next to the data
+    # A blend in a single process: megatron-core keeps GPTDataset's indices next to the data (its
+    # BlendedDataset cannot cache without a process group); preprocess clears them when it rebuilds.
+    preprocess(docs[10:30], tokenizer, tmp_path / "d", workers=1)
+    blend2 = [(str(tmp_path / "c"), 1.0), (str(tmp_path / "d"), 1.0)]
+    build_datasets(cfg, blend2, tokenizer, tmp_path / "idx", 64, 8)
+    assert (tmp_path / "d" / "cache").is_dir()
+    preprocess(docs[10:15], tokenizer, tmp_path / "d", workers=1)
+    assert not (tmp_path / "d" / "cache").exists()
+    train, _ = build_datasets(cfg, blend2, tokenizer, tmp_path / "idx", 64, 8)
+    assert all(ds.document_index.max() < 5 for ds in train.datasets if ds.dataset.path_prefix.endswith("d"))
+    assert all(train[i]["tokens"].shape == (16,) for i in range(len(train)))
 
 
 def test_global_batches_slice_the_global_position(tmp_path, tiny_cfg, tokenizer):

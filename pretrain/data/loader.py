@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -65,6 +66,16 @@ def data_key(blend: list[tuple[str, float]], sample: int = 4 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+def index_cache(cache_dir: Path, blend: list[tuple[str, float]]) -> str | None:
+    """Where megatron-core caches its sample indices (rank 0 writes, the others wait at a barrier and read):
+    one folder per version of the data. Left unset, GPTDataset caches next to the data, keyed by the config
+    alone, which the blend of a single process must accept: megatron-core's BlendedDataset asks for the
+    process group's rank before writing its cache (``preprocess`` clears that folder when it rebuilds)."""
+    if len(blend) > 1 and not dist.is_initialized():
+        return None
+    return str(cache_dir / data_key(blend))
+
+
 def build_datasets(cfg: RunConfig, blend: list[tuple[str, float]], tokenizer, cache_dir: Path,
                    train_samples: int, valid_samples: int):
     """(train, valid) datasets through megatron-core's builder; ``valid`` is None for a 0 valid split."""
@@ -76,9 +87,7 @@ def build_datasets(cfg: RunConfig, blend: list[tuple[str, float]], tokenizer, ca
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed, sequence_length=cfg.data.seq_len,
         blend=([p for p, _ in blend], [w for _, w in blend] if len(blend) > 1 else None),
-        # megatron-core's sample-index cache (rank 0 writes, the others wait at a barrier and read), one
-        # folder per version of the data; left unset, it would go next to the data, keyed by the config only.
-        split=cfg.data.split, path_to_cache=str(cache_dir / data_key(blend)),
+        split=cfg.data.split, path_to_cache=index_cache(cache_dir, blend),
         tokenizer=tokenizer if tokenizer is not None else TokenIds(cfg.model.vocab_size),
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
     train, valid, _ = BlendedMegatronDatasetBuilder(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import multiprocessing as mp
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -90,6 +91,7 @@ def preprocess(docs: Iterable[str], tokenizer: Tokenizer, prefix: str | Path, *,
     builder.finalize(f"{tmp}.idx")
     Path(f"{tmp}.bin").replace(f"{prefix}.bin")
     Path(f"{tmp}.idx").replace(f"{prefix}.idx")
+    shutil.rmtree(Path(f"{prefix}") / "cache", ignore_errors=True)  # megatron-core's indices of the old data
     seconds = time.perf_counter() - t0
     info = {"documents": n_docs, "tokens": n_tokens, "seconds": round(seconds, 2),
             "fingerprint": fingerprint, "tokenizer": tokenizer.digest, "tokenizer_path": str(tokenizer.path)}
