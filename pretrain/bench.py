@@ -13,8 +13,9 @@ peak measured on the spot for the precision in use (and, on a known GPU, by the 
   Its logits get our loss (``lm_loss_sum``: labels shifted in the data, logits never sliced), so both sides
   compute the same thing; Mixtral's balance loss is added as in training.
 
-Peak memory, over the timed steps: on a GPU each variant's own peak (allocator statistics reset before each
-of its steps); on a CPU only the process-wide resident high-water mark exists, which the two variants share.
+Peak memory, over the timed steps: on a GPU each variant's own (its weights, gradients and optimizer state plus
+the peak its step allocates above everything resident; both variants live on the device at once); on a CPU
+only the process-wide resident high-water mark exists, which the two variants share.
 """
 
 from __future__ import annotations
@@ -87,10 +88,10 @@ def our_trainer(cfg: RunConfig, workdir: Path, steps: int) -> Trainer:
     return trainer
 
 
-def our_step(cfg: RunConfig, workdir: Path, steps: int) -> Step:
-    """Our Trainer's optimizer step."""
+def our_step(cfg: RunConfig, workdir: Path, steps: int) -> tuple[Step, tuple]:
+    """Our Trainer's optimizer step, and what it keeps between steps (model, optimizer)."""
     trainer = our_trainer(cfg, workdir, steps)
-    return lambda micro_batches: trainer.train_step(micro_batches)[0]
+    return (lambda micro_batches: trainer.train_step(micro_batches)[0]), (trainer.model, trainer.optimizer)
 
 
 def hf_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
@@ -122,8 +123,8 @@ def hf_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
     return model.to(device).train()
 
 
-def hf_step(cfg: RunConfig, model: torch.nn.Module, device: torch.device, precision: str) -> Step:
-    """One optimizer step of the HF model, the way our trainer takes one."""
+def hf_step(cfg: RunConfig, model: torch.nn.Module, device: torch.device, precision: str) -> tuple[Step, tuple]:
+    """One optimizer step of the HF model, the way our trainer takes one, and what it keeps between steps."""
     from pretrain.train.optim import adamw, param_groups
     from pretrain.train.trainer import lm_loss_sum
 
@@ -148,7 +149,22 @@ def hf_step(cfg: RunConfig, model: torch.nn.Module, device: torch.device, precis
         optimizer.zero_grad(set_to_none=True)
         return loss_total
 
-    return step
+    return step, (model, optimizer)
+
+
+def resident_mb(*holders: torch.nn.Module | torch.optim.Optimizer) -> float:
+    """Memory of the distinct tensors that modules (parameters, buffers) and optimizers (state) keep between
+    steps, counted by storage so that shared and tied tensors count once."""
+    storages: dict[int, int] = {}
+    for holder in holders:
+        if isinstance(holder, torch.nn.Module):
+            tensors = [*holder.parameters(), *holder.buffers()]
+        else:
+            tensors = [v for state in holder.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+        for t in tensors:
+            t = t.to_local() if hasattr(t, "to_local") else t
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values()) / 2**20
 
 
 def matmul_peak_tflops(device: torch.device, precision: str) -> float:
@@ -232,10 +248,12 @@ def run_bench(cfg: RunConfig, *, against: str | None = None, steps: int = 10, wa
                  "hf": cfg.train.precision if hf_precision == "same" else hf_precision}
     names = ["ours"] + (["hf"] if against == "hf" else [])
     with tempfile.TemporaryDirectory(prefix="pretrain_bench_") as tmp:
-        variants: dict[str, Step] = {"ours": our_step(cfg, Path(tmp), warmup + steps)}
+        variants: dict[str, Step] = {}
+        holds: dict[str, tuple] = {}
+        variants["ours"], holds["ours"] = our_step(cfg, Path(tmp), warmup + steps)
         if against == "hf":
             model = hf_model(cfg, device)
-            variants["hf"] = hf_step(cfg, model, device, precision["hf"])
+            variants["hf"], holds["hf"] = hf_step(cfg, model, device, precision["hf"])
         peaks = {p: matmul_peak_tflops(device, p) for p in sorted(set(precision[n] for n in names))}
         batches = synthetic_batches(cfg, warmup + steps)
         times: dict[str, list[float]] = {n: [] for n in names}
@@ -245,6 +263,7 @@ def run_bench(cfg: RunConfig, *, against: str | None = None, steps: int = 10, wa
             for name in names:  # interleaved: ours, hf, ours, hf, ...
                 devices.reset_peak_memory(device)
                 devices.synchronize(device)
+                held = devices.allocated_mb(device)
                 t0 = time.perf_counter()
                 loss = variants[name](micro_batches)
                 devices.synchronize(device)
@@ -252,7 +271,10 @@ def run_bench(cfg: RunConfig, *, against: str | None = None, steps: int = 10, wa
                 losses[name].append(float(loss))
                 if i >= warmup:  # the steady state: compilation's and the first step's allocations left out
                     times[name].append(elapsed)
-                    mems[name].append(devices.peak_memory_mb(device))
+                    peak = devices.peak_memory_mb(device)
+                    # On a GPU: the variant's own resident tensors plus what its step allocated on top of all
+                    # that was resident, so that the other variant's weights and optimizer state don't count.
+                    mems[name].append(peak - held + resident_mb(*holds[name]) if device.type == "cuda" else peak)
                 log(f"  step {i + 1:>3}/{warmup + steps} {name:<4} {elapsed:7.3f} s  loss {float(loss):.4f}"
                     + ("  (warm-up)" if i < warmup else ""))
         peaks = {p: max(peaks[p], matmul_peak_tflops(device, p)) for p in peaks}  # again after: noisy machines
@@ -271,7 +293,8 @@ def run_bench(cfg: RunConfig, *, against: str | None = None, steps: int = 10, wa
                      "activation_checkpointing": cfg.train.activation_checkpointing, "optim_impl": cfg.optim.impl},
         "tokens_per_step": tokens_per_step, "flops_per_token": flops,
         "peak_tflops_measured": peaks,
-        "peak_mem_scope": "per variant (GPU allocator)" if device.type == "cuda" else
+        "peak_mem_scope": "per variant: its resident tensors + its step's peak above all resident (GPU allocator)"
+                          if device.type == "cuda" else
                           "process-wide resident high-water mark (ru_maxrss), shared by both variants on CPU",
     }
     for name in names:

@@ -11,11 +11,12 @@ import time
 
 import torch
 
-# Dense peak TFLOP/s from the datasheets (SXM parts), by precision, for MFU on known GPUs.
+# Dense peak TFLOP/s from the datasheets (SXM parts), for MFU on known GPUs: bf16 and TF32 on the tensor
+# cores, fp32 on the CUDA cores (what an fp32 matmul gets under torch's default matmul precision "highest").
 DATASHEET_TFLOPS = {
-    "H200": {"bf16": 989.0, "fp32": 494.0},
-    "H100": {"bf16": 989.0, "fp32": 494.0},
-    "A100": {"bf16": 312.0, "fp32": 156.0},
+    "H200": {"bf16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
 }
 
 
@@ -76,6 +77,13 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def allocated_mb(device: torch.device) -> float:
+    """Tensor memory allocated right now on a GPU; 0 on CPU, which has no such counter."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return 0.0
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -88,8 +96,11 @@ def device_name(device: torch.device) -> str:
 
 
 def datasheet_tflops(device: torch.device, precision: str) -> float | None:
-    """Dense datasheet peak of a known GPU, None elsewhere."""
+    """Dense datasheet peak of a known GPU, None elsewhere. fp32 counts as TF32 when torch may use it
+    (``torch.set_float32_matmul_precision("high")`` or ``"medium"``)."""
     if device.type == "cuda":
+        if precision == "fp32" and torch.get_float32_matmul_precision() != "highest":
+            precision = "tf32"
         name = torch.cuda.get_device_name(device)
         for key, table in DATASHEET_TFLOPS.items():
             if key in name:

@@ -155,3 +155,41 @@ def test_speed_switches_that_cannot_combine_with_a_layout_fail_at_load_time():
     load_config(None, ["optim.impl=fused", "parallel.tp=2", "parallel.sequence_parallel=true"])
     with pytest.raises(ConfigError, match="optim.impl"):
         load_config(None, ["optim.impl=adam8bit"])
+
+
+def test_resident_memory_counts_weights_and_optimizer_state_once():
+    """The bench's per-variant GPU memory adds a variant's resident tensors to its step's peak: parameters and
+    buffers by storage (a tied weight once), and the optimizer's state."""
+    from pretrain.bench import resident_mb
+
+    model = torch.nn.Sequential(torch.nn.Embedding(1000, 64), torch.nn.Linear(64, 1000, bias=False))
+    model[1].weight = model[0].weight  # tied: one storage
+    model.register_buffer("mask", torch.ones(256, 256))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    weights_mb = (1000 * 64 + 256 * 256) * 4 / 2**20
+    assert resident_mb(model) == pytest.approx(weights_mb)
+    assert resident_mb(model, optimizer) == pytest.approx(weights_mb)  # no state before the first step
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    optimizer.step()
+    # exp_avg and exp_avg_sq of the one weight, plus its step counter (a scalar tensor)
+    assert resident_mb(model, optimizer) == pytest.approx(weights_mb + 2 * 1000 * 64 * 4 / 2**20, abs=1e-3)
+
+
+def test_datasheet_peak_follows_the_gpu_and_the_fp32_matmul_precision(monkeypatch):
+    """MFU on a known GPU divides by its datasheet peak: bf16 tensor cores, and for fp32 the CUDA cores unless
+    torch may use TF32. Other devices have none (the bench then uses the measured peak alone)."""
+    from pretrain import device as devices
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda")
+    assert devices.datasheet_tflops(cuda, "bf16") == 989.0
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert devices.datasheet_tflops(cuda, "fp32") == 67.0
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert devices.datasheet_tflops(cuda, "fp32") == 494.0
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert devices.datasheet_tflops(cuda, "bf16") is None
+    assert devices.datasheet_tflops(torch.device("cpu"), "bf16") is None
