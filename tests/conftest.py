@@ -65,6 +65,17 @@ def torchrun_jobs(worker: str, nproc: int, jobs: list[dict], tmp: Path, port: in
     assert result.returncode == 0, "\n".join(first_errors) + "\n" + result.stderr[-3000:]
 
 
+def resume_in_one_process(overrides: list[str], run_dir: Path, from_run: Path, step: int) -> None:
+    """Resume ``from_run``'s checkpoint of ``step`` in this single process and train to the end of the schedule
+    in ``run_dir``: a checkpoint written under any layout must resume under any other (the caller compares
+    the losses after ``step`` with the uninterrupted run's)."""
+    from pretrain.train.trainer import run_training
+
+    ckpt = from_run / "checkpoints" / f"step_{step:07d}"
+    run_training(load_config(None, [*overrides, f"train.run_dir={run_dir}", "train.stop_at_step=0",
+                                    f"train.resume={ckpt}"]), log=lambda *a, **k: None)
+
+
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.train.trainer import run_training
-from tests.conftest import assert_same_grads, losses, torchrun_jobs
+from tests.conftest import assert_same_grads, losses, resume_in_one_process, torchrun_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = {
@@ -58,16 +57,6 @@ STEPS = ["train.max_steps=6", "train.stop_at_step=5", "checkpoint.interval=5", "
          "train.log_interval=1", "optim.warmup_steps=1"]
 
 
-def capture_reference(cfg, path: Path) -> None:
-    from pretrain.train.trainer import Trainer
-    from tests.dist_worker import CaptureGrads
-
-    trainer = Trainer(cfg, log=lambda *a, **k: None)
-    trainer.callbacks.append(CaptureGrads(path))
-    trainer.fit()
-    trainer.metrics.close()
-
-
 def torchrun(nproc: int, jobs: list[dict], tmp: Path) -> None:
     torchrun_jobs("dist_worker.py", nproc, jobs, tmp, port=29500 + nproc)
 
@@ -78,12 +67,13 @@ def runs(tmp_path_factory, shared_cache):
     step-5 checkpoint resumed in a single process and the reference's checkpoint resumed under tp2."""
     from pretrain.config import load_config
     from tests.conftest import TINY
+    from tests.dist_worker import train_capturing
 
     tmp = tmp_path_factory.mktemp("dist")
     base = TINY + [f"tokenizer.path={shared_cache}/tok.model", f"data.prefix={shared_cache}/corpus"] + STEPS
     for kind, extra in KINDS.items():  # reference: uninterrupted to step 6, with a checkpoint at 5
-        capture_reference(load_config(None, base + extra + [f"train.run_dir={tmp}/ref_{kind}",
-                                                            "train.stop_at_step=0"]), tmp / f"ref_{kind}.pt")
+        train_capturing(load_config(None, base + extra + [f"train.run_dir={tmp}/ref_{kind}",
+                                                          "train.stop_at_step=0"]), tmp / f"ref_{kind}.pt")
     jobs: dict[int, list] = {2: [], 4: []}
     for kind, layout in CASES:
         nproc, overrides = LAYOUTS[layout]
@@ -99,9 +89,7 @@ def runs(tmp_path_factory, shared_cache):
     for nproc, job_list in jobs.items():
         torchrun(nproc, job_list, tmp)
     for kind, layout in CASES:  # each layout's checkpoint resumed in one process
-        run_training(load_config(None, base + KINDS[kind] + [
-            f"train.run_dir={tmp}/resume_{kind}_{layout}", "train.stop_at_step=0",
-            f"train.resume={tmp}/{kind}_{layout}/checkpoints/step_0000005"]), log=lambda *a, **k: None)
+        resume_in_one_process(base + KINDS[kind], tmp / f"resume_{kind}_{layout}", tmp / f"{kind}_{layout}", 5)
     return tmp
 
 

@@ -3,7 +3,7 @@ pp2 x dp2, for dense, tied, MoE and structured models; two-stage backprop that r
 gradients; checkpoints that resume at another pp; end-of-run sampling; the stage split; the schedule orders and
 their timeline.
 
-One torchrun launch per world size runs every job of that size (tests/pipeline_worker.py)."""
+One torchrun launch per world size runs every job of that size (tests/dist_worker.py)."""
 
 import json
 from pathlib import Path
@@ -14,8 +14,7 @@ import torch
 from pretrain.config import ConfigError, load_config
 from pretrain.parallel import schedules
 from pretrain.parallel.stages import balance, stage_blocks, stage_costs
-from pretrain.train.trainer import run_training
-from tests.conftest import assert_same_grads, losses, records, torchrun_jobs
+from tests.conftest import assert_same_grads, losses, records, resume_in_one_process, torchrun_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = {
@@ -90,7 +89,7 @@ def merged_grads(prefix: Path, nproc: int) -> dict[str, torch.Tensor]:
 
 
 def torchrun(nproc: int, jobs: list[dict], tmp: Path) -> None:
-    torchrun_jobs("pipeline_worker.py", nproc, jobs, tmp, port=29600 + nproc)
+    torchrun_jobs("dist_worker.py", nproc, jobs, tmp, port=29600 + nproc)
 
 
 @pytest.fixture(scope="module")
@@ -98,25 +97,21 @@ def runs(tmp_path_factory, shared_cache):
     """Single-process references (uninterrupted, checkpoint at step 3), every pipeline layout to step 3 with
     its checkpoint, the probed schedules, the reference checkpoint resumed at pp2, and each pp2 checkpoint
     resumed in one process."""
-    from pretrain.train.trainer import Trainer
     from tests.conftest import TINY
-    from tests.dist_worker import CaptureGrads
+    from tests.dist_worker import train_capturing
 
     tmp = tmp_path_factory.mktemp("pipeline")
     base = TINY + SIZE + [f"tokenizer.path={shared_cache}/tok.model", f"data.prefix={shared_cache}/corpus"] + STEPS
     for kind, extra in KINDS.items():
-        trainer = Trainer(load_config(None, base + extra + [f"train.run_dir={tmp}/ref_{kind}", "train.stop_at_step=0"]),
-                          log=lambda *a, **k: None)
-        trainer.callbacks.append(CaptureGrads(tmp / f"ref_{kind}.pt"))
-        trainer.fit()
-        trainer.metrics.close()
+        trainer = train_capturing(load_config(None, base + extra + [f"train.run_dir={tmp}/ref_{kind}",
+                                                                    "train.stop_at_step=0"]), tmp / f"ref_{kind}.pt")
         if kind == "dense":
             (tmp / "ref_dense.sample").write_text(trainer.sample(PROMPT, SAMPLE_TOKENS))
     jobs: dict[int, list] = {2: [], 4: []}
     for kind, layout in CASES:
         nproc, overrides = LAYOUTS[layout]
         jobs[nproc].append({"overrides": base + KINDS[kind] + overrides + [f"train.run_dir={tmp}/{kind}_{layout}"],
-                            "grads": str(tmp / f"{kind}_{layout}")})
+                            "grads": str(tmp / f"{kind}_{layout}"), "per_rank": True})
     for kind, layout in PROBED:
         jobs[2].append({"overrides": base + KINDS[kind] + LAYOUTS[layout][1] + [
             f"train.run_dir={tmp}/probe_{kind}_{layout}", "train.max_steps=1", "train.stop_at_step=0"],
@@ -133,9 +128,7 @@ def runs(tmp_path_factory, shared_cache):
     for nproc, job_list in jobs.items():
         torchrun(nproc, job_list, tmp)
     for kind, layout in RESUMED:
-        run_training(load_config(None, base + KINDS[kind] + [
-            f"train.run_dir={tmp}/resume_{kind}_{layout}", "train.stop_at_step=0",
-            f"train.resume={tmp}/{kind}_{layout}/checkpoints/step_0000003"]), log=lambda *a, **k: None)
+        resume_in_one_process(base + KINDS[kind], tmp / f"resume_{kind}_{layout}", tmp / f"{kind}_{layout}", 3)
     return tmp
 
 
