@@ -44,7 +44,7 @@ def test_single_node_script_runs_two_processes_and_only_rank0_logs(tiny_override
     args = [*tiny_overrides, *STEPS, f"train.run_dir={tmp_path}/sn", "parallel.dp_shard=2"]
     result = subprocess.run(["launch/single_node.sh", "configs/quickstart.yaml", *args], cwd=REPO,
                             env=env(NPROC="2"), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert result.stdout.count("done in") == 1
     assert losses(tmp_path / "sn") == pytest.approx(reference, abs=1e-4)
 

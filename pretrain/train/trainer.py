@@ -4,6 +4,7 @@ with periodic logging, validation and checkpoints, and a sample and a summary at
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from pathlib import Path
@@ -277,24 +278,25 @@ def run_training(cfg: RunConfig, log=print) -> dict:
     trainer = Trainer(cfg, log)
     log = trainer.log  # rank 0 only
     result = trainer.fit()
-    if result["preempted"]:  # out of time: no sample, no export, just the checkpoint
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return result
-    text = trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens)
-    if text is not None:
-        log(f"\nsample: {text!r}\n")
-    run_dir = trainer.run_dir
-    if cfg.checkpoint.export_hf and trainer.rank == 0:
-        from pretrain.convert.hf import export_checkpoint
+    if not result["preempted"]:  # out of time: no sample, no export, just the checkpoint
+        text = trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens)
+        if text is not None:
+            log(f"\nsample: {text!r}\n")
+        run_dir = trainer.run_dir
+        if cfg.checkpoint.export_hf and trainer.rank == 0:
+            from pretrain.convert.hf import export_checkpoint
 
-        log(f"exported to Hugging Face format -> {export_checkpoint(result['checkpoint'], run_dir / 'hf')}")
-    log(f"done in {format_duration(time.perf_counter() - t0)}: step {result['step']}"
-        + (f", val_loss {result['val_loss']:.4f}" if result["val_loss"] is not None else ""))
-    log(f"  checkpoints: {trainer.ckpt_root}/")
-    log(f"  metrics:     {run_dir / 'metrics.jsonl'}")
-    if cfg.logging.tensorboard:
-        log(f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
+            log(f"exported to Hugging Face format -> {export_checkpoint(result['checkpoint'], run_dir / 'hf')}")
+        log(f"done in {format_duration(time.perf_counter() - t0)}: step {result['step']}"
+            + (f", val_loss {result['val_loss']:.4f}" if result["val_loss"] is not None else ""))
+        log(f"  checkpoints: {trainer.ckpt_root}/")
+        log(f"  metrics:     {run_dir / 'metrics.jsonl'}")
+        if cfg.logging.tensorboard:
+            log(f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    # Free the model, its parallel state and any collective's work objects while the interpreter is whole,
+    # then the process groups: gloo work objects freed during interpreter shutdown can abort the process.
+    del trainer, log  # (log is a bound method of the trainer)
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
     return result
