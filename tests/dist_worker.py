@@ -136,6 +136,8 @@ def main() -> None:
                 {"flops": probe.flops, "inputs_checked": probe.inputs_checked, "changed": probe.changed,
                  "checkpointed_forwards_alive": sum(isinstance(o, _SavedActivations) for o in gc.get_objects())}))
         dist.barrier()
+    del trainer, probe  # freed while the interpreter is whole, as run_training does
+    gc.collect()
     dist.destroy_process_group()
 
 
