@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     bench.add_argument("--out", help="write the results as JSON to this file")
     bench.add_argument("--profile", metavar="DIR", help="after timing, profile 2 more steps of each variant: "
-                       "a trace per variant in DIR and the top operators printed")
+                       "a trace per variant in DIR and where the time went (GPU kernels, CPU operators)")
     bench.set_defaults(fn=_bench)
     from pretrain.parallel.schedules import SCHEDULES
 
