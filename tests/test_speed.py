@@ -193,3 +193,51 @@ def test_datasheet_peak_follows_the_gpu_and_the_fp32_matmul_precision(monkeypatc
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
     assert devices.datasheet_tflops(cuda, "bf16") is None
     assert devices.datasheet_tflops(torch.device("cpu"), "bf16") is None
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Every read of a tensor's value into Python (a host-device sync when the tensor is on a GPU), except
+    those of ``host_tensors`` and those made for ``Trainer.global_tokens``, which counts the host-side loss
+    masks; ``where`` says who asked for each other one."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__int__,
+             torch.Tensor.__bool__, torch.Tensor.numpy, torch.Tensor.cpu}
+
+    def __init__(self, host_tensors: list[torch.Tensor]):
+        super().__init__()
+        self.host_ids = {id(t) for t in host_tensors}
+        self.allowed = 0
+        self.where: list[tuple[str, str, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            import traceback
+
+            frames = [f for f in traceback.extract_stack() if "/pretrain/" in f.filename]
+            if id(args[0]) in self.host_ids or any(f.name == "global_tokens" for f in frames):
+                self.allowed += 1
+            else:
+                self.where.append((func.__name__, frames[-1].filename if frames else "?",
+                                   frames[-1].lineno if frames else 0))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("model", ["dense", "moe"])
+def test_train_step_reads_no_device_value_into_python(tiny_cfg, tmp_path, model):
+    """No host-device sync inside the step: losses and the gradient norm stay tensors (logging reads them once
+    per log interval). The only values read are the token counts of the host-side loss masks and AdamW's
+    step counters, which torch keeps on the host."""
+    from pretrain.bench import our_trainer, synthetic_batches
+
+    extra = ["model.moe.num_experts=4", "model.moe.top_k=2"] if model == "moe" else []
+    cfg = tiny_cfg("model.vocab_size=640", *extra)
+    trainer = our_trainer(cfg, tmp_path, steps=2)
+    if model == "moe":  # the grouped GEMM (the looped experts need their segment sizes on the host)
+        assert all(layer.grouped for layer in pretrain.models.moe.moe_layers(trainer.model))
+    batches = synthetic_batches(cfg, 2)
+    trainer.train_step(batches[0])  # first step: one-time probes and optimizer state
+    counters = [s["step"] for s in trainer.optimizer.state.values() if isinstance(s.get("step"), torch.Tensor)]
+    with HostReads(counters) as reads:
+        loss, grad_norm = trainer.train_step(batches[1])
+    assert isinstance(loss, torch.Tensor) and isinstance(grad_norm, torch.Tensor)
+    assert reads.allowed > 0 and reads.where == []
