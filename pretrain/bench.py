@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from pretrain.train.trainer import Trainer
 
 Step = Callable[[list[MicroBatch]], torch.Tensor]
+PROFILE_STEPS = 2  # `--profile`: steps of each variant profiled after the timed ones
 
 
 def synthetic_batches(cfg: RunConfig, steps: int) -> list[list[MicroBatch]]:
@@ -278,7 +279,8 @@ def run_bench(cfg: RunConfig, *, against: str | None = None, steps: int = 10, wa
                 log(f"  step {i + 1:>3}/{warmup + steps} {name:<4} {elapsed:7.3f} s  loss {float(loss):.4f}"
                     + ("  (warm-up)" if i < warmup else ""))
         peaks = {p: max(peaks[p], matmul_peak_tflops(device, p)) for p in peaks}  # again after: noisy machines
-        tops = profile_steps(variants, batches[-2:], device, Path(profile_dir), log) if profile_dir else None
+        profiled = batches[-PROFILE_STEPS:]  # the last batches again (fewer when the run has fewer)
+        tops = profile_steps(variants, profiled, device, Path(profile_dir), log) if profile_dir else None
     d = cfg.data
     tokens_per_step = d.global_batch_size * d.seq_len
     flops = flops_per_token(cfg.model, d.seq_len)
@@ -301,7 +303,7 @@ def run_bench(cfg: RunConfig, *, against: str | None = None, steps: int = 10, wa
         result[name] = _summary(times[name], losses[name], mems[name], tokens_per_step, flops,
                                 peaks[precision[name]], devices.datasheet_tflops(device, precision[name]))
     if tops is not None:
-        result["profile"] = {"dir": str(profile_dir), "steps": 2, **tops}
+        result["profile"] = {"dir": str(profile_dir), "steps": len(profiled), **tops}
     if "hf" in variants:
         import transformers
 
