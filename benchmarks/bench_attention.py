@@ -12,9 +12,9 @@ projection viewed as (batch, heads, seq, head_dim)), unless the name says otherw
 * flex             ``flex_attention`` with a causal ``create_block_mask``, compiled (forward only where its
                    backward is not implemented: CPU in torch 2.13)
 
-Step part (``--step CONFIG``): two Trainers of the config, one whose attention runs SDPA and one the
-blocked kernel, take optimizer steps alternately on the same random batches; MFU is against the matmul peak
-measured before and after in the same process, as ``pretrain bench`` does.
+Step part (``--step CONFIG``): two engines of the config, one whose attention runs SDPA and one the blocked
+kernel, take optimizer steps alternately on the same random batches; MFU is against the matmul peak measured
+before and after in the same process, as ``pretrain bench`` does.
 
 Shared machines are noisy: the variants alternate (A B C ... A B C ...) and the best and the median of the
 repeats are reported, with ratios to sdpa of the same mode. Timings are reported, never asserted.
@@ -27,20 +27,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
-import tempfile
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pretrain.bench import matmul_peak_tflops, our_trainer, synthetic_batches
+from pretrain.bench import matmul_peak_tflops, our_engine, synthetic_batches
+from pretrain.bench.harness import environment, round_robin, write_json
 from pretrain.config import load_config
-from pretrain.device import resolve, synchronize
+from pretrain.device import resolve
 from pretrain.models.attention import Attention, blocked_causal_attention
 from pretrain.models.transformer import flops_per_token
 
@@ -71,17 +68,12 @@ def kernels(seq: int, device: torch.device) -> dict[str, Kernel]:
     return out
 
 
-def fwd_bwd_s(kernel: Kernel, qkv: list[torch.Tensor], grad: torch.Tensor, device: torch.device,
-              backward: bool = True) -> float:
+def fwd_bwd(kernel: Kernel, qkv: list[torch.Tensor], grad: torch.Tensor, backward: bool = True) -> None:
     for x in qkv:
         x.grad = None
-    synchronize(device)
-    start = time.perf_counter()
     out = kernel(*qkv)
     if backward:
         out.backward(grad)
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def kernel_part(args: argparse.Namespace, device: torch.device) -> dict:
@@ -100,7 +92,7 @@ def kernel_part(args: argparse.Namespace, device: torch.device) -> dict:
     notes = {}
     flex_kernel = torch.compile(flex(s, device))
     try:
-        fwd_bwd_s(flex_kernel, model_layout, grad, device)
+        fwd_bwd(flex_kernel, model_layout, grad)
         variants["flex/compiled"] = (flex_kernel, model_layout, True)
     except NotImplementedError as e:
         notes["flex"] = f"backward: {e}"
@@ -109,12 +101,9 @@ def kernel_part(args: argparse.Namespace, device: torch.device) -> dict:
             kernel = flex_kernel if name == "flex" else variants[f"{name}/compiled"][0]
             variants[f"{name}/compiled (forward only)"] = (kernel, frozen, False)
 
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for step in range(args.warmup + args.repeats):
-        for name, (kernel, inputs, backward) in variants.items():
-            seconds = fwd_bwd_s(kernel, inputs, grad, device, backward)
-            if step >= args.warmup:
-                times[name].append(seconds)
+    samples = round_robin({name: (lambda i, v=v: fwd_bwd(v[0], v[1], grad, v[2])) for name, v in variants.items()},
+                          args.warmup + args.repeats, device)
+    times = {name: [s.seconds for s in runs[args.warmup:]] for name, runs in samples.items()}
     flops = 4 * b * h * s * s * d  # forward, causal-agnostic; backward twice that
     results = {}
     for name, t in times.items():
@@ -133,28 +122,23 @@ def kernel_part(args: argparse.Namespace, device: torch.device) -> dict:
 def step_part(args: argparse.Namespace, device: torch.device) -> dict:
     cfg = load_config(args.step, args.overrides)
     steps = args.warmup + args.repeats
-    with tempfile.TemporaryDirectory(prefix="bench_attention_") as tmp:
-        trainers = {}
-        for kernel in ("sdpa", "blocked"):
-            (Path(tmp) / kernel).mkdir()
-            trainers[kernel] = our_trainer(cfg, Path(tmp) / kernel, steps)
-            for module in trainers[kernel].model.modules():
-                if isinstance(module, Attention):
-                    module.kernel = kernel
-        peak = matmul_peak_tflops(device, cfg.train.precision)
-        times: dict[str, list[float]] = {name: [] for name in trainers}
-        losses: dict[str, list[float]] = {name: [] for name in trainers}
-        for i, micro_batches in enumerate(synthetic_batches(cfg, steps)):
-            for name, trainer in trainers.items():
-                synchronize(device)
-                start = time.perf_counter()
-                loss = float(trainer.train_step(micro_batches)[0])
-                seconds = time.perf_counter() - start
-                losses[name].append(loss)
-                print(f"  step {i + 1}/{steps} {name:<8}{seconds:7.3f} s  loss {loss:.4f}", flush=True)
-                if i >= args.warmup:
-                    times[name].append(seconds)
-        peak = max(peak, matmul_peak_tflops(device, cfg.train.precision))
+    engines = {}
+    for kernel in ("sdpa", "blocked"):
+        engines[kernel] = our_engine(cfg)
+        for module in engines[kernel].model.modules():
+            if isinstance(module, Attention):
+                module.kernel = kernel
+    peak = matmul_peak_tflops(device, cfg.train.precision)
+    batches = synthetic_batches(cfg, steps)
+
+    def progress(i: int, name: str, sample) -> None:
+        print(f"  step {i + 1}/{steps} {name:<8}{sample.seconds:7.3f} s  loss {sample.output:.4f}", flush=True)
+
+    samples = round_robin({name: (lambda i, e=engine: float(e.train_step(batches[i])[0]))
+                           for name, engine in engines.items()}, steps, device, progress)
+    times = {name: [s.seconds for s in runs[args.warmup:]] for name, runs in samples.items()}
+    losses = {name: [s.output for s in runs] for name, runs in samples.items()}
+    peak = max(peak, matmul_peak_tflops(device, cfg.train.precision))
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens
     results = {name: {"median_s": statistics.median(t), "best_s": min(t),
@@ -188,8 +172,7 @@ def main() -> None:
 
     device = resolve(args.device)
     report = step_part(args, device) if args.step else kernel_part(args, device)
-    report.update(device=str(device), torch=torch.__version__, threads=torch.get_num_threads())
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    write_json({**environment(device), **report}, args.out)
 
 
 if __name__ == "__main__":

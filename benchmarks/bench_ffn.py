@@ -1,7 +1,8 @@
-"""Forward+backward time of a SwiGLU FFN with dense and structured linears (METHODS.md section 2).
+"""Forward+backward time of a SwiGLU FFN with dense and structured linears (docs/methods.md).
 
-The kinds run interleaved (A B C ... A B C ...) in one process so that clock and thermal drift hit all
-of them alike; the median over repeats after a warm-up is reported. Timings are reported, never asserted.
+The kinds run in round robin (A B C ... A B C ..., ``pretrain.bench.harness``) in one process so that clock and
+thermal drift hit all of them alike; the median over repeats after a warm-up is reported. Timings are
+reported, never asserted.
 
     python benchmarks/bench_ffn.py --out ffn.json --hidden 512 --ffn 1376 --tokens 4096 --repeats 20
 """
@@ -9,14 +10,13 @@ of them alike; the median over repeats after a warm-up is reported. Timings are 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from functools import partial
 
 import torch
 
-from pretrain.device import autocast, resolve, synchronize
+from pretrain.bench.harness import environment, round_robin, write_json
+from pretrain.device import autocast, resolve
 from pretrain.models.ffn import FFN
 from pretrain.models.structured import structured_linear
 
@@ -47,16 +47,13 @@ def build_ffn(spec: dict, hidden: int, ffn: int, device: torch.device, std: floa
     return model
 
 
-def fwd_bwd_ms(model: FFN, x: torch.Tensor, grad: torch.Tensor, device: torch.device, precision: str) -> float:
+def fwd_bwd(model: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, device: torch.device, precision: str) -> None:
+    """One forward and backward of ``model`` on ``x`` (gradients cleared first)."""
     model.zero_grad(set_to_none=True)
     x.grad = None
-    synchronize(device)
-    start = time.perf_counter()
     with autocast(device, precision):
         out = model(x)
     out.backward(grad)
-    synchronize(device)
-    return (time.perf_counter() - start) * 1e3
 
 
 def main() -> None:
@@ -78,12 +75,9 @@ def main() -> None:
     models = {name: build_ffn(spec, args.hidden, args.ffn, device) for name, spec in variants(args.hidden).items()}
     x = torch.randn(args.tokens, args.hidden, device=device, requires_grad=True)
     grad = torch.randn(args.tokens, args.hidden, device=device)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for step in range(args.warmup + args.repeats):
-        for name, model in models.items():
-            ms = fwd_bwd_ms(model, x, grad, device, args.precision)
-            if step >= args.warmup:
-                times[name].append(ms)
+    samples = round_robin({name: (lambda i, m=model: fwd_bwd(m, x, grad, device, args.precision))
+                           for name, model in models.items()}, args.warmup + args.repeats, device)
+    times = {name: [1e3 * s.seconds for s in runs[args.warmup:]] for name, runs in samples.items()}
 
     dense_ms = statistics.median(times["dense"])
     results = {}
@@ -91,10 +85,9 @@ def main() -> None:
         ms = statistics.median(times[name])
         results[name] = {"params": sum(p.numel() for p in model.parameters()), "fwd_bwd_ms": round(ms, 3),
                          "ratio_vs_dense": round(ms / dense_ms, 3)}
-    report = {"device": str(device), "precision": args.precision, "hidden": args.hidden, "ffn": args.ffn,
+    report = {**environment(device), "precision": args.precision, "hidden": args.hidden, "ffn": args.ffn,
               "tokens": args.tokens, "repeats": args.repeats, "results": results}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(report, args.out)
 
     dense_params = results["dense"]["params"]
     print(f"{'kind':<22}{'params':>10}{'of dense':>10}{'fwd+bwd ms':>12}{'vs dense':>10}")

@@ -1,6 +1,6 @@
-"""Forward+backward time of a MoE layer: grouped GEMM (torch._grouped_mm) vs the per-expert loop (METHODS.md 3).
+"""Forward+backward time of a MoE layer: grouped GEMM vs the per-expert loop (docs/methods.md).
 
-Both paths run on the same module and weights, interleaved (grouped, loop, grouped, loop ...) in one
+Both paths run on the same module and weights, in round robin (grouped, loop, grouped, loop ...) in one
 process so that clock and thermal drift hit both alike; the median over repeats after a warm-up is
 reported. Timings are reported, never asserted.
 
@@ -10,12 +10,12 @@ reported. Timings are reported, never asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
-from bench_ffn import fwd_bwd_ms  # sibling script: same timing of one forward+backward
+from bench_ffn import fwd_bwd  # sibling script: the same forward+backward
 
+from pretrain.bench.harness import environment, round_robin, write_json
 from pretrain.config import ModelConfig, MoEConfig
 from pretrain.device import resolve
 from pretrain.models.moe import MoE, grouped_mm_works
@@ -39,8 +39,8 @@ def main() -> None:
     device = resolve(args.device)
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=args.hidden, ffn_hidden_size=args.ffn)
-    cfg.moe = MoEConfig(num_experts=args.experts, top_k=args.top_k, capacity_factor=args.capacity_factor)
+    cfg = ModelConfig(hidden_size=args.hidden, ffn_hidden_size=args.ffn,
+                      moe=MoEConfig(num_experts=args.experts, top_k=args.top_k, capacity_factor=args.capacity_factor))
     layer = MoE(cfg).to(device)
     layer.init_weights(torch.Generator().manual_seed(0), 0.02)
     x = torch.randn(1, args.tokens, args.hidden, device=device, requires_grad=True)
@@ -48,22 +48,21 @@ def main() -> None:
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     grouped_available = grouped_mm_works(device.type, dtype, args.hidden, args.ffn)
 
-    times: dict[str, list[float]] = {"grouped": [], "loop": []}
-    for step in range(args.warmup + args.repeats):
-        for name in times:
-            layer.grouped = name == "grouped"
-            ms = fwd_bwd_ms(layer, x, grad, device, args.precision)
-            if step >= args.warmup:
-                times[name].append(ms)
+    def run(grouped: bool) -> None:
+        layer.grouped = grouped and grouped_available  # else both variants loop
+        fwd_bwd(layer, x, grad, device, args.precision)
+
+    samples = round_robin({"grouped": lambda i: run(True), "loop": lambda i: run(False)}, args.warmup + args.repeats,
+                          device)
+    times = {name: [1e3 * s.seconds for s in runs[args.warmup:]] for name, runs in samples.items()}
 
     grouped_ms, loop_ms = statistics.median(times["grouped"]), statistics.median(times["loop"])
-    report = {"device": str(device), "precision": args.precision, "threads": torch.get_num_threads(),
+    report = {**environment(device), "precision": args.precision,
               "hidden": args.hidden, "ffn": args.ffn, "experts": args.experts, "top_k": args.top_k,
               "tokens": args.tokens, "capacity_factor": args.capacity_factor, "repeats": args.repeats,
               "grouped_mm_available": grouped_available, "grouped_ms": round(grouped_ms, 3),
               "loop_ms": round(loop_ms, 3), "speedup": round(loop_ms / grouped_ms, 3)}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(report, args.out)
 
     print(f"MoE d={args.hidden} f={args.ffn} E={args.experts} k={args.top_k} T={args.tokens} "
           f"{args.precision} on {device} (grouped_mm available: {grouped_available})")

@@ -39,22 +39,19 @@ SCHEDULES = {  # name: overrides
 
 
 def worker(out: str, overrides: list[str], workdir: str) -> None:
-    import copy
-
     import torch.distributed as dist
 
-    from pretrain.bench import _synthetic_dataset
-    from pretrain.config import BlendEntry, load_config
+    from pretrain.bench.harness import synthetic_dataset
+    from pretrain.config import load_config
     from pretrain.train.trainer import Trainer
 
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, [*overrides, f"data.blend=[{{path: {workdir}/random_ids}}]", "data.split=100,0,0",
+                             f"tokenizer.path={workdir}/no_tokenizer.model"])
     if int(os.environ.get("RANK", 0)) == 0:
         Path(workdir).mkdir(parents=True, exist_ok=True)
-        _synthetic_dataset(Path(workdir) / "random_ids", copy.deepcopy(cfg))
+        synthetic_dataset(Path(workdir) / "random_ids", cfg.model.vocab_size, cfg.data.seq_len, cfg.train.seed)
     dist.init_process_group("gloo")
     dist.barrier()
-    cfg.data.blend, cfg.data.split = [BlendEntry(path=f"{workdir}/random_ids")], "100,0,0"
-    cfg.tokenizer.path = f"{workdir}/no_tokenizer.model"
     trainer = Trainer(cfg, log=lambda *a, **k: None)
     trainer.fit()
     trainer.metrics.close()

@@ -8,6 +8,7 @@ import sys
 
 from pretrain.config import ConfigError, describe, load_config
 from pretrain.errors import UserError
+from pretrain.torch_compat import check_torch_version
 
 
 def _train(args) -> int:
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        check_torch_version()
         return args.fn(args)
     except ConfigError as e:
         print(f"pretrain: config error: {e}", file=sys.stderr)

@@ -95,6 +95,27 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and the instruction-set features that decide matmul speed per dtype: without
+    AVX512_BF16 or AMX, bf16 matmuls are emulated and far slower than fp32 (read from /proc/cpuinfo on Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            break
+    return {"model": model, "features": [f for f in CPU_FEATURES if f in flags]}
+
+
 def datasheet_tflops(device: torch.device, precision: str) -> float | None:
     """Dense datasheet peak of a known GPU, None elsewhere. fp32 counts as TF32 when torch may use it
     (``torch.set_float32_matmul_precision("high")`` or ``"medium"``)."""

@@ -1,5 +1,5 @@
 """`pretrain schedule`: a pipeline schedule's per-rank timeline (F, I, W, B and idle), its bubble fraction and the
-activations each rank holds at its peak, from assumed or measured action costs (METHODS.md section 6).
+activations each rank holds at its peak, from assumed or measured action costs (docs/parallelism.md, pipeline parallelism).
 
 The orders are the ones the trainer runs (``parallel/schedules.py``); the timeline replays them with the given
 durations and free communication. Costs are assumed (``--costs F,I,W``, default 1,1,1 as in the zero-bubble

@@ -20,8 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from pretrain.config import RunConfig, load_config
 from pretrain.parallel.pipeline import Stage
+from pretrain.parallel.retained_checkpoint import _SavedActivations
 from pretrain.train.callbacks import Callback
-from pretrain.train.speed import _SavedActivations
 from pretrain.train.trainer import Trainer
 
 

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 import pretrain
-from pretrain.config import DataConfig, TokenizerConfig, load_config
+from pretrain.config import DataConfig, TokenizerConfig, load_config, resolve
 from pretrain.convert import export_checkpoint, import_checkpoint
 from pretrain.convert.custom import MODELING_FILE
 from pretrain.convert.tokenizer import export_tokenizer
@@ -35,7 +35,7 @@ from pretrain.errors import UserError
 from pretrain.models.transformer import build_model
 from pretrain.train import checkpoint
 from pretrain.train.optim import build_optimizer
-from pretrain.train.trainer import Trainer, resolve_vocab, run_training
+from pretrain.train.trainer import Trainer, run_training
 from tests.conftest import REPO, run_cli
 
 CUSTOM = "PretrainForCausalLM"
@@ -82,8 +82,7 @@ def make_cfg(tiny_cfg):
     """A tiny run config (hidden 64, 2 layers, 4 heads, 2 KV heads) with its tokenizer trained and vocab resolved."""
     def make(*extra: str):
         cfg = tiny_cfg(*extra)
-        resolve_vocab(cfg, ensure_tokenizer(cfg, log=quiet))
-        return cfg
+        return resolve(cfg, ensure_tokenizer(cfg, log=quiet).vocab_size)
     return make
 
 
@@ -96,7 +95,14 @@ def save_perturbed(cfg, root: Path) -> Path:
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     state = {"step": 1, "consumed_samples": 0, "tokens": 0}
-    return checkpoint.save(root, 1, model, build_optimizer(model, cfg.optim), state, cfg.to_yaml(), keep=1)
+    return save_weights(root, 1, model, cfg, state)
+
+
+def save_weights(root: Path, step: int, model, cfg, state: dict) -> Path:
+    """A checkpoint of ``model`` with a fresh optimizer, as a run would write it."""
+    optimizer = build_optimizer(model, cfg.optim)
+    return checkpoint.save(root, step, lambda directory: checkpoint.save_dcp(directory, model, optimizer), state,
+                           cfg.to_yaml(), keep=1)
 
 
 def random_tokens(vocab_size: int, seed: int = 0) -> torch.Tensor:
@@ -272,8 +278,7 @@ def test_export_of_tp2_checkpoint_equals_export_of_the_same_weights_at_tp1(tiny_
     tp2_step = tmp_path / "tp2" / "checkpoints" / "step_0000001"
     cfg = load_config(tp2_step / "config.yaml", ["parallel.tp=1"])
     model = pretrain.load_model(tp2_step)  # resharded from the two tensor-parallel halves
-    tp1_step = checkpoint.save(tmp_path / "tp1" / "checkpoints", 1, model, build_optimizer(model, cfg.optim),
-                               checkpoint.read_state(tp2_step), cfg.to_yaml(), keep=1)
+    tp1_step = save_weights(tmp_path / "tp1" / "checkpoints", 1, model, cfg, checkpoint.read_state(tp2_step))
     tp2 = load_file(tmp_path / "tp2" / "hf" / "model.safetensors")
     tp1 = load_file(export_checkpoint(tp1_step, tmp_path / "tp1_hf") / "model.safetensors")
     assert sorted(tp1) == sorted(tp2)

@@ -1,4 +1,4 @@
-"""Mixture of experts (METHODS.md section 3): routers, losses, capacity, grouped GEMM vs loop vs dense reference."""
+"""Mixture of experts (docs/methods.md): routers, losses, capacity, grouped GEMM vs loop vs dense reference."""
 
 from __future__ import annotations
 
@@ -8,23 +8,30 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from pretrain.config import ModelConfig, MoEConfig
+from pretrain.config import FFNConfig, ModelConfig, MoEConfig
 from pretrain.models.ffn import FFN
-from pretrain.models.moe import MoE, moe_aux_loss, moe_layers
+from pretrain.models.moe import MoE, MoEContext, moe_layers
 from pretrain.models.structured import LowRankLinear, structured_linear
 
 D, FF, E, VOCAB = 16, 24, 4, 50
 
 
-def make_moe(seed: int = 0, std: float = 0.3, activation: str = "swiglu", factory=None, **moe) -> MoE:
-    cfg = ModelConfig(hidden_size=D, ffn_hidden_size=FF, vocab_size=VOCAB)
-    cfg.ffn.activation = activation
-    cfg.moe = MoEConfig(**{"num_experts": E, "top_k": 2, **moe})
-    layer = MoE(cfg, factory)
+def make_moe(seed: int = 0, std: float = 0.3, activation: str = "swiglu", factory=None, grouped: bool = False,
+             **moe) -> MoE:
+    cfg = ModelConfig(hidden_size=D, ffn_hidden_size=FF, vocab_size=VOCAB, ffn=FFNConfig(activation=activation),
+                      moe=MoEConfig(**{"num_experts": E, "top_k": 2, **moe}))
+    layer = MoE(cfg, factory, grouped=grouped)
     layer.init_weights(torch.Generator().manual_seed(seed), std)
     return layer
+
+
+def run(layer: MoE, x: torch.Tensor, ids: torch.Tensor | None = None,
+        loss_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A training forward: the output (router loss attached) and the statistics it recorded."""
+    context = MoEContext(loss_scale=loss_scale)
+    out = layer(x, ids, moe=context)
+    return out, context.stats[layer.layer_idx]
 
 
 def expert_on_all_tokens(layer: MoE, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -96,15 +103,15 @@ def test_topk_softmax_weights_are_softmax_over_selected_logits_and_sum_to_one():
 def test_balance_and_z_loss_match_hand_computation():
     logits = [[2.0, 0, 0, 0], [2.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 3.0]]
     layer, x = logits_routed(logits)
-    layer(x)
+    _, stats = run(layer, x)
     probs = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in logits]
     frac = [2 / 4, 1 / 4, 0, 1 / 4]  # top-1 experts 0, 0, 1, 3
     mean_prob = [sum(p[e] for p in probs) / 4 for e in range(E)]
     balance = E * sum(f * p for f, p in zip(frac, mean_prob, strict=True))
     z = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits) / 4
-    assert layer.stats["balance_loss"].item() == pytest.approx(balance, rel=1e-5)
-    assert layer.stats["z_loss"].item() == pytest.approx(z, rel=1e-5)
-    assert layer.aux_loss.item() == pytest.approx(0.01 * balance + 0.001 * z, rel=1e-5)
+    assert stats["balance_loss"].item() == pytest.approx(balance, rel=1e-5)
+    assert stats["z_loss"].item() == pytest.approx(z, rel=1e-5)
+    assert stats["router_loss"].item() == pytest.approx(0.01 * balance + 0.001 * z, rel=1e-5)
 
 
 @pytest.mark.parametrize("grouped", [True, False])
@@ -112,13 +119,14 @@ def test_capacity_drops_exactly_the_overflow_in_token_order(grouped):
     targets = [0, 0, 1, 0, 0, 1, 0, 0]  # six tokens to expert 0, capacity ceil(2.0 * 1 * 8 / 4) = 4
     layer, x = logits_routed([[5.0 * (e == t) for e in range(E)] for t in targets])
     layer.capacity_factor, layer.grouped = 2.0, grouped
-    out = layer(x)[0]
+    out, stats = run(layer, x)
+    out = out[0]
     expert0 = expert_on_all_tokens(layer, 0, x[0])
     torch.testing.assert_close(out[[0, 1, 3, 4]], expert0[[0, 1, 3, 4]])
     assert torch.equal(out[[6, 7]], torch.zeros(2, D))
     torch.testing.assert_close(out[[2, 5]], expert_on_all_tokens(layer, 1, x[0])[[2, 5]])
-    assert torch.equal(layer.stats["tokens_per_expert"], torch.tensor([4.0, 2, 0, 0]))
-    assert layer.stats["dropped_fraction"].item() == pytest.approx(2 / 8)
+    assert torch.equal(stats["tokens_per_expert"], torch.tensor([4.0, 2, 0, 0]))
+    assert stats["dropped_fraction"].item() == pytest.approx(2 / 8)
 
 
 @pytest.mark.parametrize("grouped", [True, False])
@@ -133,20 +141,21 @@ def test_capacity_serves_every_first_choice_before_any_second_choice(grouped):
         layer.router.weight[:, :2] = torch.eye(2)
     x = torch.randn(1, 4, D)
     x[0, :, :2] = torch.tensor([[0.0, 2.0], [2.0, 0.0], [2.0, 0.0], [2.0, 0.0]])
-    out = layer(x)[0]
+    out, stats = run(layer, x)
+    out = out[0]
     e0, e1 = (expert_on_all_tokens(layer, e, x[0]) for e in range(2))
     w_first, w_second = torch.tensor([2.0, 0.0]).softmax(0)
     torch.testing.assert_close(out[0], w_first * e1[0])
     torch.testing.assert_close(out[1:3], w_first * e0[1:3] + w_second * e1[1:3])
     torch.testing.assert_close(out[3], w_first * e0[3])
-    assert torch.equal(layer.stats["tokens_per_expert"], torch.tensor([3.0, 3.0]))
+    assert torch.equal(stats["tokens_per_expert"], torch.tensor([3.0, 3.0]))
 
 
 def test_dropless_keeps_every_assignment_however_unbalanced():
     layer, x = logits_routed([[5.0, 0, 0, 0]] * 32)
-    out = layer(x)
-    assert torch.equal(layer.stats["tokens_per_expert"], torch.tensor([32.0, 0, 0, 0]))
-    assert layer.stats["dropped_fraction"].item() == 0.0
+    out, stats = run(layer, x)
+    assert torch.equal(stats["tokens_per_expert"], torch.tensor([32.0, 0, 0, 0]))
+    assert stats["dropped_fraction"].item() == 0.0
     torch.testing.assert_close(out, reference_forward(layer, x))
 
 
@@ -165,7 +174,7 @@ def test_grouped_gemm_and_expert_loop_match_dense_reference_outputs_and_grads(ac
         for got, want in zip(grads(layer, x, out, probe), expected_grads, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     if capacity:
-        assert layer.stats["dropped_fraction"].item() > 0
+        assert run(layer, x)[1]["dropped_fraction"].item() > 0
 
 
 def test_grouped_gemm_matches_expert_loop_under_bf16_autocast():
@@ -193,8 +202,7 @@ def test_hash_routing_is_deterministic_and_parameter_free():
     flat_ids, expert = ids.reshape(-1), idx[:, 0]
     same_id = flat_ids[:, None] == flat_ids[None, :]
     assert bool((expert[:, None] == expert[None, :])[same_id].all())
-    first(x.view(2, 16, D), ids)
-    assert first.aux_loss.item() == 0.0
+    assert run(first, x.view(2, 16, D), ids)[1]["router_loss"].item() == 0.0
     torch.testing.assert_close(first(x.view(2, 16, D), ids), reference_forward(first, x.view(2, 16, D), ids))
 
 
@@ -208,8 +216,8 @@ def test_hash_routing_with_top_k_picks_distinct_experts_and_needs_token_ids():
 
 
 def test_hash_table_survives_meta_device_materialisation():
-    cfg = ModelConfig(hidden_size=D, ffn_hidden_size=FF, vocab_size=VOCAB)
-    cfg.moe = MoEConfig(num_experts=E, top_k=1, router="hash")
+    cfg = ModelConfig(hidden_size=D, ffn_hidden_size=FF, vocab_size=VOCAB,
+                      moe=MoEConfig(num_experts=E, top_k=1, router="hash"))
     with torch.device("meta"):
         layer = MoE(cfg)
     layer.to_empty(device="cpu")
@@ -310,31 +318,70 @@ def test_shared_experts_are_added_for_every_token_even_dropped_ones():
         layer.w_down.zero_()
     x = torch.randn(2, 16, D)
     shared = sum(s(x) for s in layer.shared_experts)
-    torch.testing.assert_close(layer(x), shared)
-    assert layer.stats["dropped_fraction"].item() > 0
+    out, stats = run(layer, x)
+    torch.testing.assert_close(out, shared)
+    assert stats["dropped_fraction"].item() > 0
 
 
-def test_aux_loss_reaches_router_and_stats_count_kept_assignments():
+def test_stats_count_kept_assignments_and_are_detached():
     layer = make_moe(capacity_factor=0.5)
-    layer(torch.randn(2, 16, D))
-    assert set(layer.stats) == {"tokens_per_expert", "dropped_fraction", "balance_loss", "z_loss", "load_cv"}
-    assert all(not v.requires_grad for v in layer.stats.values())
-    tokens = layer.stats["tokens_per_expert"]
-    dropped = layer.stats["dropped_fraction"].item()
+    _, stats = run(layer, torch.randn(2, 16, D))
+    assert set(stats) == {"tokens_per_expert", "dropped_fraction", "balance_loss", "z_loss", "router_loss", "load_cv"}
+    assert all(not v.requires_grad for v in stats.values())
+    tokens = stats["tokens_per_expert"]
+    dropped = stats["dropped_fraction"].item()
     assert tokens.sum().item() == pytest.approx(32 * 2 * (1 - dropped))
     assert tokens.max().item() <= math.ceil(0.5 * 2 * 32 / E) and dropped > 0
-    assert layer.stats["load_cv"].item() == pytest.approx((tokens.std(correction=0) / tokens.mean()).item())
-    layer.aux_loss.backward()
-    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+    assert stats["load_cv"].item() == pytest.approx((tokens.std(correction=0) / tokens.mean()).item())
 
 
-def test_moe_aux_loss_sums_the_layers_that_ran():
-    model = nn.ModuleDict({"a": make_moe(), "b": make_moe(seed=1), "dense": nn.Linear(D, D)})
-    assert moe_layers(model) == [model["a"], model["b"]]
-    assert moe_aux_loss(model).item() == 0.0
-    model["a"](torch.randn(1, 8, D))
-    model["b"](torch.randn(1, 8, D))
-    torch.testing.assert_close(moe_aux_loss(model), model["a"].aux_loss + model["b"].aux_loss)
+@pytest.mark.parametrize("router", ["topk_softmax", "noisy_topk"])
+def test_router_loss_gets_the_context_scale_as_its_gradient_through_the_output(router):
+    """Backward through the layer's output gives the router loss d(total)/d(router loss) = the context's scale:
+    the router's gradient equals that of scale x (balance_coef x balance + z_coef x z) added to the loss."""
+    layer = make_moe(router=router, capacity_factor=0.5)
+    with torch.no_grad():
+        for p in layer.router.parameters():
+            p.normal_(0, 0.3)
+    layer.eval()  # no routing noise: the same routing twice
+    x = torch.randn(2, 16, D)
+    probe = torch.randn(2, 16, D)
+    out, stats = run(layer, x, loss_scale=0.25)
+    (out * probe).sum().backward()
+    got = [None if p.grad is None else p.grad.clone() for p in layer.router.parameters()]
+    layer.zero_grad(set_to_none=True)
+    _, _, aux = layer.router(x.view(32, D))
+    expected = layer(x) * probe
+    (expected.sum() + 0.25 * (0.01 * aux["balance"] + 0.001 * aux["z"])).backward()
+    assert got[0].abs().sum() > 0  # the gate (eval: the noise weights get no gradient either way)
+    for g, p in zip(got, layer.router.parameters(), strict=True):
+        assert (g is None) == (p.grad is None)
+        if g is not None:
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+    assert stats["router_loss"].item() == pytest.approx((0.01 * aux["balance"] + 0.001 * aux["z"]).item(), rel=1e-6)
+
+
+def test_inference_records_nothing_and_attaches_no_loss():
+    layer = make_moe()
+    x = torch.randn(1, 8, D, requires_grad=True)
+    out = layer(x)
+    assert out.grad_fn is not None and "AttachAux" not in type(out.grad_fn).__name__
+    context = MoEContext()
+    with torch.no_grad():
+        layer(x, moe=context)
+    assert set(context.stats) == {0}  # statistics still recorded, nothing to attach without a graph
+
+
+def test_every_layer_records_under_its_block_index():
+    from pretrain.models.transformer import build_model
+
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=D, num_layers=4, num_heads=2, ffn_hidden_size=FF,
+                      moe=MoEConfig(num_experts=E, top_k=2, every_n=2))
+    model = build_model(cfg, 0)
+    assert moe_layers(model) == [model.blocks["1"].ffn, model.blocks["3"].ffn]
+    context = MoEContext()
+    model(torch.randint(0, VOCAB, (2, 8)), moe=context)
+    assert set(context.stats) == {1, 3}
 
 
 @pytest.mark.parametrize("factory", [None, lambda: FFN(D, FF, "swiglu"), lowrank_expert])
@@ -351,49 +398,57 @@ def test_init_is_deterministic_for_a_generator_seed(factory):
 
 
 @pytest.mark.parametrize("selective", [False, True])
-def test_first_grouped_gemm_probe_inside_a_checkpointed_forward(selective):
-    """The grouped-GEMM support probe runs a tiny forward and backward during the first forward; activation
-    checkpointing must not see it: its backward started the layer's recompute, and selective checkpointing
-    cached its GEMM and replayed it in the recompute in place of the layer's own."""
-    from torch.distributed._composable import checkpoint
-
-    from pretrain.models.moe import grouped_mm_works
-    from pretrain.train.speed import _save_matmuls
+def test_checkpointed_forward_runs_no_probe_and_matches(selective):
+    """The grouped-GEMM support probe (a tiny forward and backward) runs once when the model is prepared, never
+    inside a forward: under activation checkpointing its backward started the layer's recompute, and selective
+    checkpointing cached its GEMM and replayed it in place of the layer's own."""
+    from pretrain.models.moe import grouped_mm_works, use_grouped_gemm
+    from pretrain.parallel.activation_checkpointing import save_matmuls
+    from pretrain.torch_compat import composable_checkpoint
 
     x = torch.randn(2, 5, D, requires_grad=True)
     plain, checkpointed = make_moe(), make_moe()
-    context_fn = partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, _save_matmuls)
-    checkpoint(checkpointed, context_fn=context_fn if selective else None)
-    grouped_mm_works.cache_clear()  # the probe's first call happens inside the checkpointed forward
-    out = checkpointed(x)
+    grouped_mm_works.cache_clear()
+    for layer in (plain, checkpointed):
+        use_grouped_gemm(layer, torch.device("cpu"), torch.float32)
+    probed = grouped_mm_works.cache_info()
+    assert probed.currsize == 1 and checkpointed.grouped  # fp32 grouped GEMM runs on this CPU
+    context_fn = partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, save_matmuls)
+    composable_checkpoint(checkpointed, context_fn=context_fn if selective else None)
+    out, _ = run(checkpointed, x)
     out.square().sum().backward()
-    expected = plain(x.detach())
+    expected, _ = run(plain, x.detach())
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     expected.square().sum().backward()
     for a, b in zip(plain.parameters(), checkpointed.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    assert grouped_mm_works.cache_info() == probed
 
 
-def test_compiled_moe_block_probes_once_before_compile_and_has_no_graph_break():
-    """The grouped-GEMM probe (a tiny forward and backward) runs in apply_compile, eagerly: traced inside the
-    compiled block it broke the graph and ran again on every forward."""
+def test_compiled_moe_block_has_no_graph_break_with_the_step_context():
+    """Compiled after ``use_grouped_gemm`` decided the kernels: no probe in the graph, and the context the engine
+    hands to every forward (statistics written into it, the router loss attached) breaks no graph."""
     from torch._dynamo.utils import counters
 
-    from pretrain.models.moe import grouped_mm_works
+    from pretrain.models.moe import grouped_mm_works, use_grouped_gemm
     from pretrain.models.transformer import build_model
-    from pretrain.train.speed import apply_compile
+    from pretrain.parallel.compile import apply_compile
 
-    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=D, num_layers=2, num_heads=2, ffn_hidden_size=FF)
-    cfg.moe = MoEConfig(num_experts=E, top_k=2)
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=D, num_layers=2, num_heads=2, ffn_hidden_size=FF,
+                      moe=MoEConfig(num_experts=E, top_k=2))
     model = build_model(cfg, 0)
     grouped_mm_works.cache_clear()
     torch._dynamo.reset()
     counters.clear()
-    apply_compile(model, True, "bf16")
+    use_grouped_gemm(model, torch.device("cpu"), torch.bfloat16, compiled=True)
+    apply_compile(model, True)
     probed = grouped_mm_works.cache_info()
     assert probed.currsize == 1
     assert all(layer.grouped for layer in moe_layers(model))  # bf16 grouped GEMM runs on this CPU
+    context = MoEContext(loss_scale=0.5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(torch.randint(0, VOCAB, (2, 8))).float().square().mean().backward()
+        model(torch.randint(0, VOCAB, (2, 8)), moe=context).float().square().mean().backward()
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert grouped_mm_works.cache_info() == probed  # not called again, inside the graph or out
+    assert set(context.stats) == {0, 1}
+    assert all(p.grad is not None for p in model.blocks["0"].ffn.router.parameters())

@@ -1,4 +1,4 @@
-"""Normalization placement and scaling (METHODS.md section 1), each checked against a re-computation."""
+"""Normalization placement and scaling (docs/methods.md, normalization), each checked against a re-computation."""
 
 import math
 
@@ -13,7 +13,7 @@ BASE = dict(vocab_size=61, hidden_size=32, num_layers=4, num_heads=4, ffn_hidden
 
 
 def reference_forward(model, tokens, kind_of, scale_of):
-    """The block formulas of METHODS.md written out again, using the model's own sub-layers."""
+    """The block formulas of docs/methods.md written out again, using the model's own sub-layers."""
     x = model.embed(tokens)
     rope = model.rope(tokens.shape[1], tokens.device)
     for key, b in model.blocks.items():

@@ -160,7 +160,7 @@ def test_speed_switches_that_cannot_combine_with_a_layout_fail_at_load_time():
 def test_resident_memory_counts_weights_and_optimizer_state_once():
     """The bench's per-variant GPU memory adds a variant's resident tensors to its step's peak: parameters and
     buffers by storage (a tied weight once), and the optimizer's state."""
-    from pretrain.bench import resident_mb
+    from pretrain.bench.run import resident_mb
 
     model = torch.nn.Sequential(torch.nn.Embedding(1000, 64), torch.nn.Linear(64, 1000, bias=False))
     model[1].weight = model[0].weight  # tied: one storage
@@ -197,7 +197,7 @@ def test_datasheet_peak_follows_the_gpu_and_the_fp32_matmul_precision(monkeypatc
 
 class HostReads(torch.overrides.TorchFunctionMode):
     """Every read of a tensor's value into Python (a host-device sync when the tensor is on a GPU), except
-    those of ``host_tensors`` and those made for ``Trainer.global_tokens``, which counts the host-side loss
+    those of ``host_tensors`` and those made for ``Engine.global_tokens``, which counts the host-side loss
     masks; ``where`` says who asked for each other one."""
 
     READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__int__,
@@ -227,17 +227,17 @@ def test_train_step_reads_no_device_value_into_python(tiny_cfg, tmp_path, model)
     """No host-device sync inside the step: losses and the gradient norm stay tensors (logging reads them once
     per log interval). The only values read are the token counts of the host-side loss masks and AdamW's
     step counters, which torch keeps on the host."""
-    from pretrain.bench import our_trainer, synthetic_batches
+    from pretrain.bench import our_engine, synthetic_batches
 
     extra = ["model.moe.num_experts=4", "model.moe.top_k=2"] if model == "moe" else []
     cfg = tiny_cfg("model.vocab_size=640", *extra)
-    trainer = our_trainer(cfg, tmp_path, steps=2)
+    engine = our_engine(cfg)
     if model == "moe":  # the grouped GEMM (the looped experts need their segment sizes on the host)
-        assert all(layer.grouped for layer in pretrain.models.moe.moe_layers(trainer.model))
+        assert all(layer.grouped for layer in pretrain.models.moe.moe_layers(engine.model))
     batches = synthetic_batches(cfg, 2)
-    trainer.train_step(batches[0])  # first step: one-time probes and optimizer state
-    counters = [s["step"] for s in trainer.optimizer.state.values() if isinstance(s.get("step"), torch.Tensor)]
+    engine.train_step(batches[0])  # first step: optimizer state
+    counters = [s["step"] for s in engine.optimizer.state.values() if isinstance(s.get("step"), torch.Tensor)]
     with HostReads(counters) as reads:
-        loss, grad_norm = trainer.train_step(batches[1])
+        loss, grad_norm = engine.train_step(batches[1])
     assert isinstance(loss, torch.Tensor) and isinstance(grad_norm, torch.Tensor)
     assert reads.allowed > 0 and reads.where == []

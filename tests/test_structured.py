@@ -1,4 +1,4 @@
-"""Structured FFN linears and self-guided training (METHODS.md section 2)."""
+"""Structured FFN linears and self-guided training (docs/methods.md, structured FFN layers)."""
 
 from __future__ import annotations
 

@@ -153,5 +153,5 @@ def test_moe_training_logs_expert_load_per_layer(tiny_cfg):
     assert "moe/blocks_0_ffn/load_cv" in acc.Tags()["scalars"]
     # the router trains (LM loss through the routing weights, plus the balance and z losses)
     router = trainer.model.blocks["0"].ffn.router.weight
-    fresh = build_model(cfg.model, cfg.train.seed).blocks["0"].ffn.router.weight
+    fresh = build_model(trainer.cfg.model, cfg.train.seed).blocks["0"].ffn.router.weight  # the resolved vocab
     assert not torch.equal(router, fresh)

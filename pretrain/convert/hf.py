@@ -160,11 +160,11 @@ def import_checkpoint(hf_dir: str | Path, out_checkpoint: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if (hf_dir / "tokenizer.model").is_file():
         shutil.copyfile(hf_dir / "tokenizer.model", out / "tokenizer.model")
-        cfg.tokenizer.path = str((out / "tokenizer.model").resolve())
+        cfg = cfg.replace(tokenizer={"path": str((out / "tokenizer.model").resolve())})
     cfg.validate()
     model = build_model(cfg.model, cfg.train.seed)
     model.load_state_dict({name: t.to(torch.float32) for name, t in state.items()}, strict=True)
     optimizer = build_optimizer(model, cfg.optim)
     (out / "config.yaml").write_text(cfg.to_yaml())
-    return checkpoint.save(out, 0, model, optimizer, {"step": 0, "consumed_samples": 0, "tokens": 0},
-                           cfg.to_yaml(), keep=1)
+    return checkpoint.save(out, 0, lambda directory: checkpoint.save_dcp(directory, model, optimizer),
+                           {"step": 0, "consumed_samples": 0, "tokens": 0}, cfg.to_yaml(), keep=1)

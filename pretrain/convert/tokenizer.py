@@ -30,10 +30,9 @@ _BPE = 2
 
 
 def _backend(model_file: Path):
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
     from tokenizers.models import BPE, Unigram
     from transformers.convert_slow_tokenizer import SentencePieceExtractor
-
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model_file.read_bytes())

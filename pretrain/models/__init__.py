@@ -1,4 +1,4 @@
-"""Plain nn.Module models: no process groups, no DTensor, no device assumptions (ARCHITECTURE.md rule 1)."""
+"""Plain nn.Module models: no process groups, no DTensor, no device assumptions (docs/architecture.md, rule 1)."""
 
 from pretrain.models.transformer import Transformer, build_model, init_weights
 

@@ -1,4 +1,4 @@
-"""One transformer block with its normalization placement and scaling (METHODS.md section 1).
+"""One transformer block with its normalization placement and scaling (docs/methods.md, normalization).
 
 Notation: block l = layer_idx + 1 (1-based global depth), f = attention, g = FFN, N1/N2 its norms,
 s = 1/sqrt(l) under LayerNorm Scaling (a plain float: buffers are wiped by meta-device init), else 1.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ from pretrain.config import ModelConfig
 from pretrain.models.attention import Attention
 from pretrain.models.ffn import FFN
 from pretrain.models.norm import build_norm
+
+if TYPE_CHECKING:
+    from pretrain.models.moe import MoEContext
 
 
 def placement(cfg: ModelConfig, layer_idx: int) -> str:
@@ -50,7 +54,7 @@ def build_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
 
         width = cfg.moe.expert_ffn_hidden_size or cfg.ffn_size
         factory = (lambda: FFN(cfg.hidden_size, width, f.activation, linear)) if linear else None
-        return MoE(cfg, expert_factory=factory)
+        return MoE(cfg, expert_factory=factory, layer_idx=layer_idx)
     if linear:
         return FFN(cfg.hidden_size, cfg.ffn_size, f.activation, linear)
     return FFN(cfg.hidden_size, cfg.ffn_size, f.activation)
@@ -77,16 +81,17 @@ class Block(nn.Module):
         out = norm(x)
         return out * self.scale if self.scale != 1.0 else out
 
-    def _ffn(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
-        return self.ffn(x, token_ids) if self.is_moe else self.ffn(x)
+    def _ffn(self, x: torch.Tensor, token_ids: torch.Tensor | None, moe: MoEContext | None) -> torch.Tensor:
+        return self.ffn(x, token_ids, moe=moe) if self.is_moe else self.ffn(x)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                token_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_ids: torch.Tensor | None = None, moe: MoEContext | None = None) -> torch.Tensor:
+        """``moe``: the training step's MoE context (router losses and load statistics), None for inference."""
         if self.placement == "post":
             h = self._norm(self.attn_norm, x + self.attn(x, rope))
-            return self._norm(self.ffn_norm, h + self._ffn(h, token_ids))
+            return self._norm(self.ffn_norm, h + self._ffn(h, token_ids, moe))
         if self.placement == "sandwich":
             h = x + self._norm(self.attn_post_norm, self.attn(self._norm(self.attn_norm, x), rope))
-            return h + self._norm(self.ffn_post_norm, self._ffn(self._norm(self.ffn_norm, h), token_ids))
+            return h + self._norm(self.ffn_post_norm, self._ffn(self._norm(self.ffn_norm, h), token_ids, moe))
         h = x + self.attn(self._norm(self.attn_norm, x), rope)
-        return h + self._ffn(self._norm(self.ffn_norm, h), token_ids)
+        return h + self._ffn(self._norm(self.ffn_norm, h), token_ids, moe)

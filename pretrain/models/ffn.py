@@ -1,7 +1,7 @@
 """Feed-forward networks built on a linear factory: SwiGLU (Llama) or a GELU MLP.
 
 The factory ``linear(in_features, out_features)`` returns ``nn.Linear`` for a dense FFN or a structured
-linear (``structured.py``), so every FFN kind shares this one definition (METHODS.md section 2).
+linear (``structured.py``), so every FFN kind shares this one definition (docs/methods.md, structured FFN layers).
 """
 
 from __future__ import annotations

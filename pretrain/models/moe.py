@@ -1,4 +1,4 @@
-"""Mixture-of-experts FFN layer: a router picks k of E experts per token (METHODS.md section 3).
+"""Mixture-of-experts FFN layer: a router picks k of E experts per token (docs/methods.md, mixture of experts).
 
 Routers: top-k softmax (Mixtral), noisy top-k (Shazeer et al. 2017, "Outrageously Large Neural
 Networks") and hash routing (Roller et al. 2021, "Hash Layers For Large Sparse Models"). Losses: the
@@ -7,9 +7,16 @@ and the ST-MoE router z-loss. Capacity c > 0 drops assignments over ceil(c*k*T/E
 choices of every token before second choices, earlier tokens first (Switch/GShard); c = 0 is dropless.
 
 Dispatch sorts the T*k (token, expert) assignments by expert. Dense experts are stored stacked, (E, f, d),
-and run as one grouped GEMM over the sorted rows (``torch._grouped_mm`` with device-side offsets, so no
-host sync); experts from a factory (structured FFNs) run in a loop over the per-expert segments. The layer
-is a plain module: expert parallelism wraps it from ``parallel/`` without changing it.
+and run as one grouped GEMM over the sorted rows (``grouped_mm`` with device-side offsets, so no
+host sync) once ``use_grouped_gemm`` found it works on the device; experts from a factory (structured FFNs)
+run in a loop over the per-expert segments. The layer is a plain module: expert parallelism wraps it from
+``parallel/`` without changing it.
+
+Per-step state lives in a ``MoEContext`` that whoever runs the model (the training engine) owns and passes
+to the forward: the gradient scale of the router losses, which are attached to each layer's output so that
+backward gives them their share of the total loss without the loss ever reading them (Megatron's
+``MoEAuxLossAutoScaler``), the sums over which the balance losses run, and each layer's load statistics.
+Without a context (inference) no router loss is attached and nothing is recorded.
 """
 
 from __future__ import annotations
@@ -17,12 +24,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _disable_current_modes
 
+from pretrain import torch_compat
 from pretrain.config import ModelConfig
 from pretrain.models.ffn import FFN
 
@@ -54,6 +62,39 @@ SumFn = Callable[[torch.Tensor], torch.Tensor]
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+@dataclass(eq=False)
+class MoEContext:
+    """What the MoE layers of a model share with the engine that trains it, handed to every forward.
+
+    ``loss_scale`` is d(total loss)/d(router loss): the gradient each layer's router loss receives in backward.
+    ``total`` turns a local sum over tokens (assignment counts, router probabilities, ...) into the sum over the
+    tokens the balance and z losses cover: this micro-batch by default, or the micro-batches of all
+    data-parallel ranks together (``model.moe.balance_scope: global``). ``stats`` holds, per block index, the
+    detached load statistics of that layer's latest forward, read at the log interval."""
+
+    loss_scale: float = 1.0
+    total: SumFn = _local
+    stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+class AttachAux(torch.autograd.Function):
+    """A copy of ``output`` whose backward also gives ``aux`` the gradient ``scale``: a loss computed inside the
+    model enters the total where it was computed (Megatron's MoEAuxLossAutoScaler), which works the same
+    whether the model runs whole, split into pipeline stages or recomputed. A copy rather than ``output`` itself,
+    which autograd would make a view of the input."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(aux)
+        ctx.scale = scale
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (aux,) = ctx.saved_tensors
+        return grad, torch.full_like(aux, ctx.scale), None
 
 
 class TopKSoftmaxRouter(nn.Module):
@@ -143,7 +184,7 @@ class HashRouter(nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, total: SumFn = _local) -> Routing:
         if token_ids is None:
             raise ValueError("the hash router routes by token id: pass the input token ids to MoE.forward "
-                             "(every hashed layer needs the original ids, METHODS.md section 3)")
+                             "(every hashed layer needs the original ids, docs/methods.md, mixture of experts)")
         idx = self.table(token_ids.device)[token_ids]
         weight = torch.full(idx.shape, 1.0 / self.top_k, device=x.device)
         zero = torch.zeros((), device=x.device)
@@ -170,36 +211,42 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 @functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype, in_features: int, out_features: int) -> bool:
-    """Whether ``torch._grouped_mm`` runs forward and backward here: support differs by torch version,
-    device, dtype and (on CUDA) alignment of the widths, so try it once on a tiny problem of these widths.
-    The first call comes from inside a forward, maybe under activation checkpointing, which must not see the
-    probe: plain saved-tensor hooks keep the checkpoint's from packing its tensors (their unpacking would start
-    a recompute), and the dispatch modes are set aside (selective checkpointing would cache its GEMMs)."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
+    """Whether the grouped GEMM runs forward and backward here: support differs by torch version, device, dtype
+    and (on CUDA) alignment of the widths, so try it once on a tiny problem of these widths."""
     try:
-        with torch.inference_mode(False), torch.enable_grad(), _disable_current_modes(), \
-                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        with torch.inference_mode(False), torch.enable_grad():
             x = torch.randn(3, in_features, device=device_type, dtype=dtype, requires_grad=True)
             w = torch.randn(2, out_features, in_features, device=device_type, dtype=dtype, requires_grad=True)
             offs = torch.tensor([1, 3], device=device_type, dtype=torch.int32)
-            y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+            y = torch_compat.grouped_mm(x, w.transpose(-2, -1), offs=offs)
             y.backward(torch.ones_like(y))
         return x.grad is not None and w.grad is not None
     except (RuntimeError, NotImplementedError):
         return False
 
 
-class MoE(nn.Module):
-    """Routed experts (plus optional shared experts) in place of a block's FFN.
+def use_grouped_gemm(model: nn.Module, device: torch.device, dtype: torch.dtype, compiled: bool = False) -> None:
+    """Decide once, when the model is prepared, whether each MoE layer's stacked experts run as one grouped GEMM
+    (probed for ``dtype``, the dtype the experts compute in) or the per-expert loop. Compiled, the grouped GEMM
+    takes bf16 only (torch 2.13), so fp32 compiled layers loop."""
+    for layer in moe_layers(model):
+        if layer.experts is None:
+            w = layer.w_up  # (experts, out, in); a DTensor's device is its local shard's
+            layer.grouped = (dtype == torch.bfloat16 or not compiled) and grouped_mm_works(
+                device.type, dtype, w.shape[-1], w.shape[-2])
 
-    After every forward, ``aux_loss`` is balance_coef * balance + z_coef * z (with a gradient path to the
-    router) for the trainer to add to the loss, and ``stats`` holds detached tensors for logging. Set
-    ``grouped = False`` to run stacked experts with the per-expert loop instead of the grouped GEMM.
+
+class MoE(nn.Module):
+    """Routed experts (plus optional shared experts) in place of the FFN of block ``layer_idx``.
+
+    In training (a ``MoEContext`` given), the router loss balance_coef * balance + z_coef * z is attached to the
+    output with the context's gradient scale and the load statistics go to ``context.stats[layer_idx]``.
+    ``grouped`` runs stacked experts as one grouped GEMM instead of the per-expert loop (``use_grouped_gemm``
+    sets it where the device supports it).
     """
 
     def __init__(self, cfg: ModelConfig, expert_factory: Callable[[], nn.Module] | None = None,
-                 grouped: bool = True):
+                 grouped: bool = False, layer_idx: int = 0):
         super().__init__()
         m = cfg.moe
         if m.num_experts < 1:
@@ -209,7 +256,7 @@ class MoE(nn.Module):
         d, f, E = cfg.hidden_size, m.expert_ffn_hidden_size or cfg.ffn_size, m.num_experts
         self.num_experts, self.top_k, self.activation = E, m.top_k, cfg.ffn.activation
         self.capacity_factor, self.balance_coef, self.z_coef = m.capacity_factor, m.balance_coef, m.z_coef
-        self.grouped = grouped
+        self.grouped, self.layer_idx = grouped, layer_idx
         self.router = build_router(cfg)
         self.experts: nn.ModuleList | None = None
         if expert_factory is None:
@@ -221,15 +268,10 @@ class MoE(nn.Module):
             self.experts = nn.ModuleList([expert_factory() for _ in range(E)])
         make_shared = expert_factory or (lambda: FFN(d, f, self.activation))
         self.shared_experts = nn.ModuleList([make_shared() for _ in range(m.num_shared_experts)])
-        self.aux_loss: torch.Tensor | None = None
-        self.stats: dict[str, torch.Tensor] = {}
-        # A hook for expert parallelism: when set, it carries the sorted assignments to the ranks that own
-        # their experts and back, calling run_experts there (pretrain.parallel.expert). None = all local.
+        # Expert parallelism's hook, set once when the layout is applied: it carries the sorted assignments to
+        # the ranks that own their experts and back, calling run_experts there (pretrain.parallel.expert).
+        # None = all experts local.
         self.exchange: Callable | None = None
-        # The balance and z losses are functions of sums over tokens (assignment counts, router
-        # probabilities, ...). ``total`` turns a local sum into the sum over the tokens the losses cover:
-        # this micro-batch by default; data parallelism can widen it to the global micro-batch.
-        self.total: SumFn = _local
 
     def expert_weights(self) -> dict[str, torch.Tensor]:
         """The stacked expert weights (E, ...) by name; empty for factory-built experts."""
@@ -239,9 +281,7 @@ class MoE(nn.Module):
                     weights: dict[str, torch.Tensor]) -> torch.Tensor:
         """Expert outputs for assignments sorted by expert, ``counts[e]`` of them for expert e, with
         ``weights`` the stacked weights of exactly those experts."""
-        # Compiled blocks were probed before compilation (train.speed.apply_compile): no probe in the graph.
-        if self.experts is None and self.grouped and (torch.compiler.is_compiling() or grouped_mm_works(
-                xs.device.type, xs.dtype, xs.shape[-1], weights["w_up"].shape[1])):
+        if self.experts is None and self.grouped:
             return self._grouped_experts(xs, counts, weights)
         return self._looped_experts(xs, counts, kept_counts, weights)
 
@@ -276,11 +316,13 @@ class MoE(nn.Module):
         for module in [*(self.experts or []), *self.shared_experts]:
             init_subtree(module)
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None,
+                moe: MoEContext | None = None) -> torch.Tensor:
         B, S, d = x.shape
         T, k, E = B * S, self.top_k, self.num_experts
         x_flat = x.reshape(T, d)
-        idx, weight, aux = self.router(x_flat, None if token_ids is None else token_ids.reshape(T), self.total)
+        total = moe.total if moe is not None else _local
+        idx, weight, aux = self.router(x_flat, None if token_ids is None else token_ids.reshape(T), total)
 
         # Choice-major order (every token's first choice, then every second choice, ...) so that a stable
         # sort by expert gives each expert's assignments in capacity priority order.
@@ -311,7 +353,8 @@ class MoE(nn.Module):
         for shared in self.shared_experts:
             out = out + shared(x_flat)
 
-        self._record(aux, kept_counts, T * k)
+        if moe is not None:
+            out = self._account(moe, out, aux, kept_counts, T * k)
         return out.to(x.dtype).view(B, S, d)
 
     def _activate(self, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
@@ -321,7 +364,7 @@ class MoE(nn.Module):
         offs = counts.cumsum(0).to(torch.int32)
 
         def gmm(inp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            return torch._grouped_mm(inp, w.to(inp.dtype).transpose(-2, -1), offs=offs)
+            return torch_compat.grouped_mm(inp, w.to(inp.dtype).transpose(-2, -1), offs=offs)
 
         gate = gmm(xs, weights["w_gate"]) if self.activation == "swiglu" else None
         return gmm(self._activate(gate, gmm(xs, weights["w_up"])), weights["w_down"])
@@ -344,34 +387,23 @@ class MoE(nn.Module):
         gate = F.linear(x, weights["w_gate"][e]) if self.activation == "swiglu" else None
         return F.linear(self._activate(gate, F.linear(x, weights["w_up"][e])), weights["w_down"][e])
 
-    def _record(self, aux: dict[str, torch.Tensor], kept_counts: torch.Tensor, assignments: int) -> None:
-        self.aux_loss = self.balance_coef * aux["balance"] + self.z_coef * aux["z"]
+    def _account(self, moe: MoEContext, out: torch.Tensor, aux: dict[str, torch.Tensor], kept_counts: torch.Tensor,
+                 assignments: int) -> torch.Tensor:
+        """Record this forward's load statistics in the context, and attach the router loss to ``out``."""
         tokens = kept_counts.detach().float()
-        self.stats = {
+        router_loss = self.balance_coef * aux["balance"] + self.z_coef * aux["z"]
+        moe.stats[self.layer_idx] = {
             "tokens_per_expert": tokens,
             "dropped_fraction": 1.0 - tokens.sum() / assignments,
             "balance_loss": aux["balance"].detach(),
             "z_loss": aux["z"].detach(),
+            "router_loss": router_loss.detach(),
             "load_cv": tokens.std(correction=0) / tokens.mean().clamp_min(1e-10),
         }
+        if not torch.is_grad_enabled():
+            return out
+        return AttachAux.apply(out, router_loss, moe.loss_scale)
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
-
-
-def moe_aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of the auxiliary router losses of every MoE layer that ran a forward, for the trainer to add
-    to the language-model loss; a zero scalar for a dense model."""
-    losses = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
-    if losses:
-        return torch.stack(losses).sum()
-    param = next(model.parameters(), None)
-    return torch.zeros((), device=param.device if param is not None else "cpu")
-
-
-def release_aux_losses(model: nn.Module) -> None:
-    """Drop every MoE layer's last ``aux_loss`` once the step's backward has run: it holds that forward's graph
-    (under activation checkpointing also its recomputed activations) until the next forward otherwise."""
-    for layer in moe_layers(model):
-        layer.aux_loss = None

@@ -1,4 +1,4 @@
-"""Normalization layers N (METHODS.md section 1): RMSNorm (variance in fp32), LayerNorm, DyT.
+"""Normalization layers N (docs/methods.md, normalization): RMSNorm (variance in fp32), LayerNorm, DyT.
 
 Each has ``init_weights`` so the model initialises it by name like every other module; ``gain_init``
 lets a block start a norm's gain below one (sandwich post-norms use a depth-scaled gain).

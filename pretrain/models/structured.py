@@ -1,4 +1,4 @@
-"""Structured replacements for the FFN's dense linears, and self-guided training (METHODS.md section 2).
+"""Structured replacements for the FFN's dense linears, and self-guided training (docs/methods.md, structured FFN layers).
 
 Input x in R^N, output R^M, no biases. Every layer computes its output as a chain of small matmuls and
 can export the exact equivalent dense (M, N) matrix with ``dense_weight()`` ("pre-merge"):
@@ -11,7 +11,7 @@ can export the exact equivalent dense (M, N) matrix with ``dense_weight()`` ("pr
 
 Parameters are created empty (the model builds on the meta device); ``init_weights(generator, std)``
 fills them deterministically from a dense N(0, std) draw made on the CPU. Only ordinary autograd ops are
-used, so input and weight gradients stay separable for two-stage backprop (METHODS.md section 6).
+used, so input and weight gradients stay separable for two-stage backprop (docs/parallelism.md, pipeline parallelism).
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def structured_linear(kind: str, in_features: int, out_features: int, *, rank: i
 
 def structured_param_count(kind: str, in_features: int, out_features: int, *, rank: int = 0,
                            blocks: int = 1) -> int:
-    """Parameters of one layer from the METHODS.md formulas (the guide of self-guided training excluded)."""
+    """Parameters of one layer from the formulas of docs/methods.md (the guide of self-guided training excluded)."""
     N, M = in_features, out_features
     counts = {"dense": M * N, "lowrank": (N + M) * rank, "blockdense": rank * (M + N // blocks),
               "blockshuffle": min(N, M) * (N + M) // blocks}
@@ -236,6 +236,21 @@ def alpha_at(step: int, guided_steps: int) -> float:
     if guided_steps <= 0:
         return 0.0
     return 0.5 * (1.0 + math.cos(math.pi * min(step, guided_steps) / guided_steps))
+
+
+def guided_layers(model: nn.Module) -> list[SelfGuided]:
+    return [m for m in model.modules() if isinstance(m, SelfGuided)]
+
+
+def set_guided_phase(model: nn.Module, step: int, guided_steps: int, reduce_flop: bool = False) -> None:
+    """The self-guided layers as they were after ``step`` optimizer steps: past the guided phase the guides are
+    gone (a checkpoint of that step holds none); within it alpha is the one the last step trained with."""
+    for layer in guided_layers(model):
+        layer.reduce_flop = reduce_flop
+        if step >= guided_steps:
+            layer.remove_guide()
+        else:
+            layer.alpha = alpha_at(max(step - 1, 0), guided_steps)
 
 
 @torch.no_grad()

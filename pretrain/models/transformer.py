@@ -1,7 +1,7 @@
 """Llama-style decoder: embed -> blocks (ModuleDict keyed by global block index) -> final norm -> head.
 
 Weights are initialised by ``init_weights`` from the seed and each parameter's global name alone, so
-every parallel layout and every device starts from the same values (ARCHITECTURE.md, data flow).
+every parallel layout and every device starts from the same values (docs/architecture.md, data flow).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import nn
 from pretrain.config import ModelConfig
 from pretrain.models.attention import rope_tables
 from pretrain.models.block import Block, is_moe_block
+from pretrain.models.moe import MoEContext
 from pretrain.models.norm import build_norm
 
 
@@ -44,12 +45,13 @@ class Transformer(nn.Module):
             self._rope = {key: rope_tables(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)}
         return self._rope[key]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (batch, seq) int64 -> logits (batch, seq, vocab)."""
+    def forward(self, tokens: torch.Tensor, moe: MoEContext | None = None) -> torch.Tensor:
+        """tokens (batch, seq) int64 -> logits (batch, seq, vocab). ``moe``: the training step's MoE context
+        (router losses and load statistics; see ``models.moe``), None for inference."""
         x = self.embed(tokens)
         rope = self.rope(tokens.shape[1], tokens.device)
         for block in self.blocks.values():
-            x = block(x, rope, tokens)  # token ids reach every block: hash-routed MoE layers need them
+            x = block(x, rope, tokens, moe=moe)  # token ids reach every block: hash-routed MoE layers need them
         return self.head(self.norm(x))
 
 

@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from pretrain import device as devices
 from pretrain.config import ParallelConfig
 from pretrain.errors import UserError
+from pretrain.torch_compat import flatten_mesh
 
 # We slice flattened dims (dp, dp_shard) from the root mesh as torchtitan does; torch announces a future change.
 warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
@@ -71,8 +72,8 @@ def setup(pcfg: ParallelConfig, device: torch.device) -> tuple[ParallelDims, tor
     shard_mod_ep = pcfg.dp_shard // pcfg.ep
     mesh = init_device_mesh(device.type, (pcfg.pp, pcfg.dp_replicate, shard_mod_ep, pcfg.ep, pcfg.tp),
                             mesh_dim_names=("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp"))
-    mesh[("dp_shard_mod_ep", "ep")]._flatten("dp_shard")
-    mesh[("dp_replicate", "dp_shard_mod_ep", "ep")]._flatten("dp")
-    mesh[("dp_replicate", "dp_shard_mod_ep")]._flatten("dp_mod_ep")  # ranks holding the same experts
+    flatten_mesh(mesh, ("dp_shard_mod_ep", "ep"), "dp_shard")
+    flatten_mesh(mesh, ("dp_replicate", "dp_shard_mod_ep", "ep"), "dp")
+    flatten_mesh(mesh, ("dp_replicate", "dp_shard_mod_ep"), "dp_mod_ep")  # ranks holding the same experts
     dims.mesh = mesh
     return dims, device

@@ -1,24 +1,26 @@
-"""Pipeline parallelism: the model's stages (``stages.py``) run under a schedule (METHODS.md section 6).
+"""Pipeline parallelism: the model's stages (``stages.py``) run under a schedule (docs/parallelism.md).
 
-Each stage is a ``StageModule`` inside a torch ``PipelineStage``; every schedule runs on torch's
-``_PipelineScheduleRuntime`` from the action lists of ``schedules.py``. An input-backward action (I) runs
-torch's ``stage_backward_input``: ``autograd.grad`` to the stage input only, so autograd skips every
-weight-gradient GEMM (each op computes only the gradients a backward pass needs: true for our structured
-FFNs and MoE experts too, which use ordinary ops) and no parameter's ``.grad`` changes; the weight-backward
-action (W) then runs from the gradients saved at the nodes where the weight paths leave the input path. The
-first stage sends no input gradient; its I still goes down to the embedding output, so that its W holds only
-weight gradients (torch would run its whole backward in W). ``weight_grads.py`` batches consecutive Ws.
+Each stage is a ``StageModule`` inside a torch ``PipelineStage``; every schedule runs on torch's schedule
+runtime from the action lists of ``schedules.py`` (the runtime and the stage internals it needs are private
+torch names, reached through ``torch_compat``). An input-backward action (I) runs torch's
+``stage_backward_input``: ``autograd.grad`` to the stage input only, so autograd skips every weight-gradient
+GEMM (each op computes only the gradients a backward pass needs: true for our structured FFNs and MoE experts
+too, which use ordinary ops) and no parameter's ``.grad`` changes; the weight-backward action (W) then runs
+from the gradients saved at the nodes where the weight paths leave the input path. The first stage sends no
+input gradient; its I still goes down to the embedding output, so that its W holds only weight gradients
+(torch would run its whole backward in W). ``weight_grads.py`` batches consecutive Ws.
 
-The step around the schedule is the trainer's: the same token-weighted loss (computed on the last stage), the
-same gradients, then what pipelining adds: the tied embedding's two gradient parts (first and last stage)
-summed over the two ranks, the clip norm over every stage (the tied weight counted once), the loss and the
-measured bubble fraction brought to every rank.
+``PipelineSchedule`` is what pipelining adds to a training step; the step itself (loss, clipping, optimizer)
+is the pipeline engine's (``train/engines/pipeline.py``): the schedule over a step's microbatches with the
+engine's loss function on the last stage, the tied embedding's two gradient parts (first and last stage)
+summed over the two ranks, forward-only passes for evaluation and sampling, and the measured bubble.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -26,27 +28,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
-from torch.distributed.pipelining.schedules import (
-    BACKWARD_WEIGHT,
-    RECV_B,
-    RECV_F,
-    _Action,
-    _PipelineContext,
-    _PipelineScheduleRuntime,
-)
+from torch.distributed.pipelining.schedules import BACKWARD_WEIGHT, RECV_B, RECV_F
 from torch.distributed.tensor import DTensor
 
 from pretrain import device as devices
+from pretrain import torch_compat as compat
 from pretrain.config import RunConfig
 from pretrain.generate import last_logits
-from pretrain.models.moe import release_aux_losses
+from pretrain.models.moe import MoEContext
 from pretrain.parallel import plan, schedules
-from pretrain.parallel.grads import clip_grad_norm_
 from pretrain.parallel.mesh import ParallelDims
 from pretrain.parallel.stages import split_model
 from pretrain.parallel.weight_grads import LinearWeightGrads
-from pretrain.train.callbacks import Callback
 
 
 class ActionClock:
@@ -112,14 +105,13 @@ class Stage(PipelineStage):
             self.weight_grads.drop(bwd_chunk_id)
 
     def _first_input_backward(self, mb: int, embedded: torch.Tensor) -> None:
-        stage_output, _ = self.fwd_cache.pop(mb)
-        output_grads = self._retrieve_recv_grads(mb)
+        stage_output, _ = compat.pop_forward_cache(self, mb)
+        output_grads = compat.received_grads(self, mb)
         with warnings.catch_warnings():  # torch reads .grad of the input, here a non-leaf: it stays unused
             warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
             (grad,), groups = self.backward_maybe_with_nosync(
                 "input", {"stage_output": stage_output, "output_grads": output_grads, "input_values": [embedded]})
-        self.backward_state[mb] = ([embedded, grad], groups, stage_output, output_grads)
-        self.dw_runner[mb] = lambda: None
+        compat.defer_weight_backward(self, mb, ([embedded, grad], groups, stage_output, output_grads))
 
     def backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward=False):
         with self.clock("W"):
@@ -132,8 +124,7 @@ class Stage(PipelineStage):
             if not self.is_first:
                 super().backward_weight_one_chunk(mb, last_backward)
                 continue
-            (embedded, grad), groups, _, _ = self.backward_state.pop(mb)
-            self.dw_runner.pop(mb)
+            (embedded, grad), groups, _, _ = compat.pop_deferred_weight_backward(self, mb)
             self.backward_maybe_with_nosync("weight", {"param_groups": groups})
             torch.autograd.backward(embedded, grad)  # the embedding weight's gradient
         if self.weight_grads is not None:
@@ -153,18 +144,18 @@ class Stage(PipelineStage):
             skip |= self.weight_grads.batched(self.backward_chunk)
         params = [p for p in self.submod.parameters() if id(p) not in skip]
         if backward_type == "input":
-            return stage_backward_input(bwd_kwargs["stage_output"], bwd_kwargs["output_grads"],
-                                        bwd_kwargs["input_values"], iter(params))
-        return stage_backward_weight(iter(params), bwd_kwargs["param_groups"]), None
+            return compat.stage_backward_input(bwd_kwargs["stage_output"], bwd_kwargs["output_grads"],
+                                               bwd_kwargs["input_values"], iter(params))
+        return compat.stage_backward_weight(iter(params), bwd_kwargs["param_groups"]), None
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def merge_weight_actions(actions: list[_Action]) -> list[_Action]:
+def merge_weight_actions(actions: list[compat.Action]) -> list[compat.Action]:
     """Fold each run of W actions of one stage into one W whose sub-actions list the microbatches. Receives
     posted between them move ahead of the merged W (a receive is only posted early, never waited on here)."""
-    merged: list[_Action] = []
+    merged: list[compat.Action] = []
     i = 0
     while i < len(actions):
         action = actions[i]
@@ -182,39 +173,34 @@ def merge_weight_actions(actions: list[_Action]) -> list[_Action]:
             else:
                 break
             i += 1
-        merged += moved + [_Action(action.stage_index, BACKWARD_WEIGHT, action.microbatch_index,
+        merged += moved + [compat.Action(action.stage_index, BACKWARD_WEIGHT, action.microbatch_index,
                                    tuple(run) if len(run) > 1 else None)]
     return merged
 
 
-class Pipeline:
-    """This rank's pipeline stages, their schedule, and the parts of a training step pipelining changes:
-    forward/backward by the schedule, tied-embedding gradients, the clip norm over all stages, evaluation."""
+class PipelineSchedule:
+    """This rank's pipeline stages and their schedule: a training step's forward and backward over its
+    microbatches, the tied embedding's gradients, and forward-only passes (evaluation, sampling)."""
 
-    def __init__(self, model: nn.Module, dims: ParallelDims, cfg: RunConfig, device: torch.device):
-        p, d = cfg.parallel, cfg.data
+    def __init__(self, model: nn.Module, dims: ParallelDims, cfg: RunConfig, device: torch.device,
+                 moe: MoEContext | None = None):
+        p = cfg.parallel
         self.model, self.dims, self.cfg, self.device = model, dims, cfg, device
         self.num_stages = p.pp * schedules.stages_per_rank(p.pp_schedule, p.pp_virtual)
         self.stage_rank = schedules.stage_ranks(p.pp_schedule, p.pp, p.pp_virtual)
         self.local, self.modules = split_model(model, cfg, dims.pp_rank,
-                                               lambda: devices.autocast(device, cfg.train.precision))
+                                               lambda: devices.autocast(device, cfg.train.precision), moe)
         self.group = dims.mesh["pp"].get_group()
-        self.grad_scale = float(dims.dp_size)  # as the trainer: FSDP averages over dp, the loss is a share of the sum
-        for module in self.modules:
-            module.aux_scale = self.grad_scale / (d.global_batch_size // d.micro_batch_size)
         self.tie_group, self.tied_copy = self._tie_group() if cfg.model.tie_embeddings else (None, False)
         self.clock = ActionClock(device)
-        self.runtime: _PipelineScheduleRuntime | None = None
+        self.runtime: compat.ScheduleRuntime | None = None
+        self.loss_fn: Callable[[torch.Tensor, int], torch.Tensor] | None = None
         self.steps = 0
-        self.micro_batches: list = []
-        self.lm_losses: dict[int, torch.Tensor] = {}
-        self.n_tokens = torch.ones((), device=device)
         self.measured: dict[str, float] = {}
-        self.callbacks: list[Callback] = [PipelineMetrics(self)]
 
     def _tie_group(self) -> tuple[dist.ProcessGroup | None, bool]:
         """The two ranks holding the tied weight (first and last stage) of this rank's (dp, tp) column, and
-        whether this rank's copy is the second one (left out of the clip norm)."""
+        whether this rank's copy is the second one (left out of the gradient norm)."""
         first, last = self.stage_rank[0], self.stage_rank[self.num_stages - 1]
         if first == last:
             return None, False
@@ -232,69 +218,44 @@ class Pipeline:
         for index, module in zip(self.local, self.modules, strict=True):
             stages.append(Stage(module, index, self.num_stages, self.device, group=self.group, clock=self.clock,
                                 weight_grads=LinearWeightGrads() if p.pp_batch_weight_grads else None))
-        self.runtime = _PipelineScheduleRuntime(stages, microbatches, loss_fn=self._loss, scale_grads=False)
-        self.runtime._prepare_schedule_with_comms(
-            schedules.compute_order(p.pp_schedule, p.pp, microbatches, p.pp_virtual))
+        self.runtime = compat.ScheduleRuntime(stages, microbatches, loss_fn=self._loss, scale_grads=False)
+        compat.load_actions(self.runtime, schedules.compute_order(p.pp_schedule, p.pp, microbatches, p.pp_virtual))
         if p.pp_batch_weight_grads:
-            order = self.runtime.pipeline_order_with_comms
-            order[self.dims.pp_rank] = merge_weight_actions(order[self.dims.pp_rank])
+            rank = self.dims.pp_rank
+            compat.set_rank_actions(self.runtime, rank, merge_weight_actions(compat.rank_actions(self.runtime, rank)))
             self.runtime.register_custom_function(BACKWARD_WEIGHT, self._weight_backward)
 
-    def _weight_backward(self, action: _Action, ctx: _PipelineContext) -> None:
+    def _loss(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(logits, int(index))
+
+    def _weight_backward(self, action: compat.Action, ctx: compat.PipelineContext) -> None:
         """A W action, or several merged by ``merge_weight_actions``: one batched weight backward."""
-        stage = next(s for s in self.runtime._stages if s.stage_index == action.stage_index)
+        stage = next(s for s in compat.runtime_stages(self.runtime) if s.stage_index == action.stage_index)
         microbatches = [a.microbatch_index for a in action.sub_actions or (action,)]
         with self.clock("W", len(microbatches)):
             stage.backward_weights(microbatches)
 
-    def _loss(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The trainer's loss of microbatch ``index`` on the last stage, scaled as the trainer scales it."""
-        from pretrain.train.trainer import lm_loss_sum
-
-        i = int(index)
-        loss = lm_loss_sum(logits, self.micro_batches[i]) / self.n_tokens
-        self.lm_losses[i] = loss.detach()
-        last = self.modules[-1]  # the loss runs right after the last stage's forward of this microbatch
-        if last.aux_loss is None:
-            return loss * self.grad_scale
-        return loss * self.grad_scale + last.aux_loss * last.aux_scale
-
-    def train_step(self, trainer, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Trainer.train_step under the pipeline schedule: same loss, same gradients, same update."""
+    def run(self, tokens: list[torch.Tensor], loss_fn: Callable[[torch.Tensor, int], torch.Tensor],
+            measure: bool = False) -> None:
+        """Forward and backward of every microbatch (``tokens``: their ids, on this rank's device) under the
+        schedule; ``loss_fn(logits, i)`` is microbatch i's loss on the last stage. ``measure``: time every
+        compute action of this step (a device sync per action) for ``measured``."""
+        self.loss_fn = loss_fn  # the runtime calls the step's own loss function through _loss
         if self.runtime is None:
-            self._build(len(micro_batches))
-        # Time the steps that get logged; the first one also infers the stage shapes, so it is not timed.
-        self.clock.enabled = self.steps > 0 and trainer.state["step"] % self.cfg.train.log_interval == 0
+            self._build(len(tokens))
+        # The first step also infers the stage shapes, so it is never timed.
+        self.clock.enabled = measure and self.steps > 0
         self.clock.reset()
-        self.n_tokens = trainer.global_tokens(micro_batches)
-        self.micro_batches = [mb.to(self.device) for mb in micro_batches]
-        self.lm_losses = {}
-        tokens = [mb.tokens for mb in self.micro_batches]
-        for stage in self.runtime._stages:
+        for stage in compat.runtime_stages(self.runtime):
             stage.has_backward = True
             stage.clear_runtime_states()
         t0 = time.perf_counter()
-        with trainer.loss_context():
-            self.runtime._step_microbatches([(t,) for t in tokens], [{"tokens": t} for t in tokens],
-                                            [torch.tensor(i) for i in range(len(tokens))], None,
-                                            return_outputs=False)
+        compat.run_microbatches(self.runtime, [(t,) for t in tokens], [{"tokens": t} for t in tokens],
+                                [torch.tensor(i) for i in range(len(tokens))])
         if self.clock.enabled:
             devices.synchronize(self.device)
             self._record(time.perf_counter() - t0)
         self.steps += 1
-        release_aux_losses(self.model)
-        for module in self.modules:
-            module.aux_loss = None
-        loss = torch.stack(list(self.lm_losses.values())).sum() if self.lm_losses else torch.zeros((), device=self.device)
-        dist.all_reduce(loss, group=self.group)  # only the last stage computed it
-        plan.finish_gradients(self.model, self.dims, self.cfg)
-        self._sync_tied_grads()
-        for callback in trainer.callbacks:
-            callback.on_after_backward(trainer, trainer.state["step"])
-        grad_norm = self.clip_grad_norm_(self.cfg.optim.grad_clip or float("inf"))
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm
 
     def _record(self, wall: float) -> None:
         c = self.clock
@@ -303,7 +264,11 @@ class Pipeline:
             if c.count[kind]:
                 self.measured[f"{kind.lower()}_ms"] = 1e3 * c.seconds[kind] / c.count[kind]
 
-    def _sync_tied_grads(self) -> None:
+    def norm_params(self) -> list[nn.Parameter]:
+        """This rank's parameters whose gradients count in the global norm: the tied weight's second copy not."""
+        return [p for p in self.model.parameters() if not (self.tied_copy and p is self.model.embed.weight)]
+
+    def sync_tied_grads(self) -> None:
         """Sum the embedding's and the head's gradient of the tied weight on both ranks that hold it; where one
         rank holds both ends (V schedules), average it over data parallelism as FSDP averages the others."""
         for param in plan.shared_params(self.modules) if self.dims.dp_size > 1 else []:  # not FSDP's: see there
@@ -319,53 +284,16 @@ class Pipeline:
         weight.grad = grad
         dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=self.tie_group)
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Global gradient norm over every stage (the tied weight counted once); clip to ``max_norm``."""
-        params = list(self.model.parameters())
-        counted = [p for p in params if not (self.tied_copy and p is self.model.embed.weight)]
-        local = clip_grad_norm_(counted, float("inf")).to(self.device)
-        total = local.float().square()
-        dist.all_reduce(total, group=self.group)
-        norm = total.sqrt()
-        if max_norm < float("inf"):
-            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            for p in params:
-                if p.grad is not None:
-                    (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(coef.to(p.grad.device))
-        return norm
-
-    @torch.no_grad()
-    def evaluate(self, trainer) -> float:
-        """Trainer.evaluate with the stages run one microbatch after the other (forward only)."""
-        from pretrain.train.trainer import lm_loss_sum
-
-        self.model.eval()
-        loss, tokens = torch.zeros(1, dtype=torch.float64, device=self.device), 0.0
-        gbs = self.cfg.data.global_batch_size
-        for i in range(self.cfg.train.eval_iters):
-            for mb in trainer.valid_batches(i * gbs):
-                tokens += float(mb.loss_mask.sum())
-                mb = mb.to(self.device)
-                logits = self._forward_only(mb.tokens)
-                if logits is not None:
-                    with trainer.loss_context():
-                        loss += lm_loss_sum(logits, mb).double()
-        self.model.train()
-        dist.all_reduce(loss, group=self.group)
-        totals = plan.all_reduce_sum(torch.cat([loss, torch.tensor([tokens], dtype=torch.float64, device=self.device)]),
-                                     self.dims)
-        return float(totals[0]) / max(float(totals[1]), 1.0)
-
     @torch.no_grad()
     def next_token_logits(self, context: torch.Tensor) -> torch.Tensor:
         """``generate``'s logits function: the stages run forward in turn, and the last stage's rank sends the next
         token's logits to every rank of the pipeline, which all draw the same token from them."""
-        logits = self._forward_only(context)
+        logits = self.forward_only(context)
         out = last_logits(logits) if logits is not None else torch.empty(self.cfg.model.vocab_size, device=self.device)
         dist.broadcast(out, group=self.group, group_src=self.stage_rank[self.num_stages - 1])
         return out
 
-    def _forward_only(self, tokens: torch.Tensor) -> torch.Tensor | None:
+    def forward_only(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """This rank's stages in order on one microbatch; the logits on the last stage's rank, else None."""
         held: dict[int, torch.Tensor] = {}
         logits = None
@@ -398,28 +326,3 @@ class Pipeline:
         tensor = torch.empty(shape[:ndim], dtype=_DTYPES[dtype], device=self.device)
         dist.recv(tensor, group=self.group, group_src=rank)
         return tensor
-
-
-class PipelineMetrics(Callback):
-    """Per pipeline rank, from the last timed step: the measured bubble fraction (idle share of the schedule's
-    wall time), peak memory, and mean milliseconds per F, I, W and B action."""
-
-    def __init__(self, pipeline: Pipeline):
-        self.pipeline = pipeline
-
-    def metrics(self, trainer, step: int) -> dict:
-        pl = self.pipeline
-        keys = ["bubble_fraction", "peak_memory_mb", "f_ms", "i_ms", "w_ms", "b_ms"]
-        mine = torch.tensor([pl.measured.get(k, float("nan")) for k in keys], dtype=torch.float64, device=pl.device)
-        ranks = [torch.empty_like(mine) for _ in range(self.pipeline.cfg.parallel.pp)]
-        dist.all_gather(ranks, mine, group=pl.group)
-        table = torch.stack(ranks).cpu()
-        record = {}
-        for column, key in enumerate(keys):
-            values = table[:, column]
-            if torch.isnan(values).all():
-                continue
-            if key in ("bubble_fraction", "peak_memory_mb"):
-                record.update({f"pp/{key}/rank{r}": float(v) for r, v in enumerate(values)})
-            record[f"pp/{key}"] = float(values[~torch.isnan(values)].mean())
-        return record

@@ -1,5 +1,5 @@
-"""Apply the configured layout to a plain model: tensor parallel, expert parallel, then FSDP2 (ARCHITECTURE.md
-data flow); the pipeline split comes before (``pipeline.Pipeline``)."""
+"""Apply the configured layout to a plain model: tensor parallel, expert parallel, then FSDP2 (docs/architecture.md,
+data flow); the pipeline split comes before (``pipeline.PipelineSchedule``)."""
 
 from __future__ import annotations
 
@@ -29,11 +29,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: RunConfig, stages: li
         from pretrain.parallel.expert import apply_expert_parallel
 
         apply_expert_parallel(model, mesh["ep"])
-    if dims.dp_size > 1 and cfg.model.moe.balance_scope == "global":
-        from pretrain.models.moe import moe_layers
-
-        for moe in moe_layers(model):
-            moe.total = _data_parallel_total(dp_group(dims))
     if dims.dp_size > 1:
         from pretrain.parallel.data import apply_fsdp
 
@@ -81,9 +76,10 @@ def finish_gradients(model: nn.Module, dims: ParallelDims, cfg: RunConfig) -> No
         sync_expert_grads(model, dims.dp_size, replicas.get_group() if replicas.size() > 1 else None)
 
 
-def _data_parallel_total(group):
-    """Sum over the data-parallel ranks in value; the gradient reaches only this rank's own share, so that
-    summing the ranks' gradients (what FSDP does, with the loss scaled by dp) gives the exact gradient."""
+def data_parallel_total(group):
+    """A ``MoEContext.total`` for ``model.moe.balance_scope: global``: the sum over the data-parallel ranks in
+    value, whose gradient reaches only this rank's own share, so that summing the ranks' gradients (what FSDP
+    does, with the loss scaled by dp) gives the exact gradient."""
     def total(local):
         summed = local.detach().clone()
         dist.all_reduce(summed, group=group)

@@ -1,6 +1,6 @@
-"""Pipeline schedules as per-rank action lists, and a timeline simulator (METHODS.md section 6).
+"""Pipeline schedules as per-rank action lists, and a timeline simulator (docs/parallelism.md, pipeline parallelism).
 
-A schedule is what torch's ``_PipelineScheduleRuntime`` executes: for every pipeline rank, the ordered
+A schedule is what torch's pipeline schedule runtime executes: for every pipeline rank, the ordered
 compute actions on (stage, microbatch): F forward, B full backward, I input backward (the gradient the
 previous stage waits for), W weight backward, and DualPipe-V's OVERLAP_F_B pairs. torch's schedule classes
 give the orders of ``gpipe``, ``interleaved_1f1b``, ``zero_bubble`` (interleaved ZB-H1), ``zbv`` and
@@ -35,9 +35,9 @@ from torch.distributed.pipelining.schedules import (
     FULL_BACKWARD,
     OVERLAP_F_B,
     PipelineScheduleSingle,
-    _Action,
-    _validate_schedule,
 )
+
+from pretrain.torch_compat import Action, validate_schedule
 
 TORCH_SCHEDULES = {"gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B,
                    "zero_bubble": ScheduleInterleavedZeroBubble, "zbv": ScheduleZBVZeroBubble,
@@ -47,7 +47,7 @@ ONE_STAGE_PER_RANK = {"gpipe", "1f1b", "gpipe_2bp", "1f1b_2bp"}
 V_SHAPED = {"zbv", "dualpipev"}  # two stages per rank: r and 2 pp - 1 - r
 SPLIT_BACKWARD = {"zero_bubble", "zbv", "dualpipev", "gpipe_2bp", "1f1b_2bp"}  # schedules with I and W actions
 
-Order = dict[int, list[_Action]]
+Order = dict[int, list[Action]]
 
 
 def stages_per_rank(name: str, virtual: int) -> int:
@@ -66,7 +66,7 @@ def compute_order(name: str, pp: int, microbatches: int, virtual: int = 1) -> Or
     """The compute actions of every pipeline rank, in execution order."""
     if name == "gpipe_2bp":
         kinds = (FORWARD, BACKWARD_INPUT, BACKWARD_WEIGHT)
-        return {r: [_Action(r, kind, m) for kind in kinds for m in range(microbatches)] for r in range(pp)}
+        return {r: [Action(r, kind, m) for kind in kinds for m in range(microbatches)] for r in range(pp)}
     if name in ("1f1b", "1f1b_2bp"):
         if microbatches < pp:
             raise ValueError(f"1F1B needs at least as many microbatches as stages ({pp})")
@@ -83,22 +83,22 @@ def compute_order(name: str, pp: int, microbatches: int, virtual: int = 1) -> Or
     return {r: [a for a in order[r] if a is not None and a.is_compute_op] for r in range(pp)}
 
 
-def _one_f_one_b(rank: int, pp: int, microbatches: int, split: bool) -> list[_Action]:
+def _one_f_one_b(rank: int, pp: int, microbatches: int, split: bool) -> list[Action]:
     """Warm-up forwards, then one F and one backward in turn, then the cool-down backwards. With ``split``
     each backward is an I, each cool-down I is followed by the oldest pending W, the rest come last."""
     backward = BACKWARD_INPUT if split else FULL_BACKWARD
     warmup = min(pp - 1 - rank, microbatches)
-    actions = [_Action(rank, FORWARD, m) for m in range(warmup)]
+    actions = [Action(rank, FORWARD, m) for m in range(warmup)]
     pending: deque[int] = deque()
     for m in range(microbatches - warmup):
-        actions += [_Action(rank, FORWARD, warmup + m), _Action(rank, backward, m)]
+        actions += [Action(rank, FORWARD, warmup + m), Action(rank, backward, m)]
         pending.append(m)
     for m in range(microbatches - warmup, microbatches):
-        actions.append(_Action(rank, backward, m))
+        actions.append(Action(rank, backward, m))
         pending.append(m)
         if split:
-            actions.append(_Action(rank, BACKWARD_WEIGHT, pending.popleft()))
-    return actions + ([_Action(rank, BACKWARD_WEIGHT, m) for m in pending] if split else [])
+            actions.append(Action(rank, BACKWARD_WEIGHT, pending.popleft()))
+    return actions + ([Action(rank, BACKWARD_WEIGHT, m) for m in pending] if split else [])
 
 
 def check_schedule(name: str, pp: int, microbatches: int, virtual: int) -> str | None:
@@ -109,7 +109,7 @@ def check_schedule(name: str, pp: int, microbatches: int, virtual: int) -> str |
         return f"{name} runs exactly two stages per rank in a V, but parallel.pp_virtual is {virtual} (set it to 2)"
     try:
         order = compute_order(name, pp, microbatches, virtual)
-        _validate_schedule(order, pp, pp * stages_per_rank(name, virtual), microbatches)
+        validate_schedule(order, pp, pp * stages_per_rank(name, virtual), microbatches)
     except (ValueError, AssertionError, KeyError) as e:
         return f"{name} cannot run {microbatches} microbatches on {pp} ranks ({str(e).splitlines()[0]})"
     return None
@@ -146,7 +146,7 @@ def simulate(order: Order, num_stages: int, cost: dict[str, float]) -> Timeline:
     position = dict.fromkeys(order, 0)
     intervals: list[Interval] = []
 
-    def ready_at(a: _Action) -> float | None:
+    def ready_at(a: Action) -> float | None:
         s, m, kind = a.stage_index, a.microbatch_index, a.computation_type.value
         needs = {"F": [("F", s - 1, m)] if s > 0 else [],
                  "I": [("F", s, m)] + ([("I", s + 1, m)] if s < num_stages - 1 else []),

@@ -1,4 +1,4 @@
-"""The model split into pipeline stages (METHODS.md section 6).
+"""The model split into pipeline stages (docs/parallelism.md).
 
 ``parallel.pp x parallel.pp_virtual`` stages, contiguous in depth: the embedding opens stage 0, the final norm
 and LM head close the last one, and the blocks are placed by ``parallel.pp_layout`` or by the cost model
@@ -6,9 +6,8 @@ and LM head close the last one, and the blocks are placed by ``parallel.pp_layou
 ``blocks`` keeps the global keys, so parameter names, optimizer state and checkpoints are the whole model's
 and resume under any layout. A ``StageModule`` runs one stage and shares its modules with the rank's model.
 
-Loss. The last stage's router losses (MoE) are added to the loss by the pipeline; any other stage with MoE
-layers adds its router losses through ``AttachAux`` on its output: backward gives them the gradient they have
-in the single-process loss, so no loss value travels between stages.
+MoE router losses need nothing here: each MoE layer attaches its own to its output (``models.moe``), so they
+get their gradient in whichever stage computed them and no loss value travels between stages.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from pretrain.config import RunConfig
-from pretrain.models.moe import moe_aux_loss, moe_layers
+from pretrain.models.moe import MoEContext
 from pretrain.models.transformer import _block_params
 from pretrain.parallel import schedules
 
@@ -130,30 +129,13 @@ def stage_blocks(cfg: RunConfig) -> list[list[str]]:
     return layout
 
 
-class AttachAux(torch.autograd.Function):
-    """A copy of a stage's output whose backward also gives the stage's MoE router loss the gradient ``scale``
-    (Megatron's MoEAuxLossAutoScaler): the loss enters the total where it was computed. A copy, not the input
-    itself, which autograd would make a view that the pipeline cannot detach after the input backward."""
-
-    @staticmethod
-    def forward(ctx, output: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(aux)
-        ctx.scale = scale
-        return output.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (aux,) = ctx.saved_tensors
-        return grad, torch.full_like(aux, ctx.scale), None
-
-
 class StageModule(nn.Module):
     """One pipeline stage: the embedding (first stage), a contiguous run of blocks under their global keys,
     the final norm and head (last stage). With tied embeddings both end stages hold embed and head, so the
     shared weight is one parameter of the stage whichever module names it."""
 
     def __init__(self, model: nn.Module, keys: list[str], first: bool, last: bool, tied: bool,
-                 autocast: Callable[[], AbstractContextManager]):
+                 autocast: Callable[[], AbstractContextManager], moe: MoEContext | None = None):
         super().__init__()
         self.first, self.last = first, last
         if first or (tied and last):
@@ -164,11 +146,8 @@ class StageModule(nn.Module):
         if last or (tied and first):
             self.head = model.head
         self.rope = model.rope
-        self.has_moe = bool(moe_layers(self))
-        self.aux_scale = 0.0  # d(total loss) / d(router loss), set by the pipeline
-        self.aux_loss: torch.Tensor | None = None  # the last stage's router losses of its latest forward
         self.embedded: torch.Tensor | None = None  # the first stage's embedding output of its latest forward
-        self.autocast = autocast
+        self.autocast, self.moe = autocast, moe
 
     def forward(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """h: token ids (first stage) or the previous stage's hidden states; tokens: the ids (hash routing)."""
@@ -177,19 +156,14 @@ class StageModule(nn.Module):
                 h = self.embedded = self.embed(h)  # kept for the split backward (``Stage``)
             rope = self.rope(tokens.shape[1], tokens.device)
             for block in self.blocks.values():
-                h = block(h, rope, tokens)
+                h = block(h, rope, tokens, moe=self.moe)
             if self.last:
                 h = self.head(self.norm(h))
-        if self.has_moe and torch.is_grad_enabled():
-            if self.last:
-                self.aux_loss = moe_aux_loss(self)  # added to the loss by the pipeline
-            else:
-                h = AttachAux.apply(h, moe_aux_loss(self), self.aux_scale)
         return h
 
 
-def split_model(model: nn.Module, cfg: RunConfig, pp_rank: int,
-                autocast: Callable[[], AbstractContextManager]) -> tuple[list[int], list[StageModule]]:
+def split_model(model: nn.Module, cfg: RunConfig, pp_rank: int, autocast: Callable[[], AbstractContextManager],
+                moe: MoEContext | None = None) -> tuple[list[int], list[StageModule]]:
     """Keep this rank's stages in ``model`` (in place) and return their indices and stage modules."""
     p = cfg.parallel
     layout = stage_blocks(cfg)
@@ -197,7 +171,7 @@ def split_model(model: nn.Module, cfg: RunConfig, pp_rank: int,
     local = [s for s in range(len(layout)) if ranks[s] == pp_rank]
     last = len(layout) - 1
     tied = cfg.model.tie_embeddings
-    modules = [StageModule(model, layout[s], s == 0, s == last, tied, autocast) for s in local]
+    modules = [StageModule(model, layout[s], s == 0, s == last, tied, autocast, moe) for s in local]
     keep = {k for s in local for k in layout[s]}
     for key in list(model.blocks):
         if key not in keep:

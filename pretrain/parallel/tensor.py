@@ -6,7 +6,7 @@ reduced). The embedding is vocab-parallel and the LM head column-parallel with i
 for the vocab-parallel cross-entropy (``loss_parallel``). With sequence parallelism the norms and the
 residual stream between sub-layers are sharded along the sequence.
 
-Structured FFN linears (METHODS.md section 2) shard so that the result is exact, by sharding only the
+Structured FFN linears (docs/methods.md, structured FFN layers) shard so that the result is exact, by sharding only the
 factor next to the split dimension and letting DTensor propagate the rest:
 
 | layer (y = ...)             | column-parallel (y sharded)   | row-parallel (x sharded)              |
@@ -23,8 +23,6 @@ sequence under sequence parallelism.
 
 from __future__ import annotations
 
-from functools import partial
-
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
@@ -38,6 +36,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from pretrain.models.structured import BlockDenseLinear, BlockShuffleLinear, LowRankLinear, SelfGuided
+from pretrain.torch_compat import style_io_fns
 
 COLUMN = {LowRankLinear: {"V": Replicate(), "U": Shard(0)},
           BlockDenseLinear: {"V": Replicate(), "U": Shard(0)},
@@ -59,9 +58,8 @@ def _shard_by_table(table: dict):
 
 
 def _structured_apply(style, module: nn.Module, mesh: DeviceMesh, table: dict) -> nn.Module:
-    return distribute_module(module, mesh, _shard_by_table(table),
-                             partial(style._prepare_input_fn, style.input_layouts, style.desired_input_layouts),
-                             partial(style._prepare_output_fn, style.output_layouts, style.use_local_output))
+    input_fn, output_fn = style_io_fns(style)
+    return distribute_module(module, mesh, _shard_by_table(table), input_fn, output_fn)
 
 
 class StructuredColwise(ColwiseParallel):

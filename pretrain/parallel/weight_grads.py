@@ -1,4 +1,4 @@
-"""Deferred weight gradients batched over microbatches (``parallel.pp_batch_weight_grads``, METHODS.md 6).
+"""Deferred weight gradients batched over microbatches (``parallel.pp_batch_weight_grads``, docs/parallelism.md).
 
 A linear map y = x W^T has the weight gradient dW = dy^T x, summed over the tokens. Over microbatches 1..k
 that sum is one GEMM on the stacked tokens, [dy_1; ...; dy_k]^T [x_1; ...; x_k], in place of k thinner ones.
@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+
+from pretrain.torch_compat import tree_leaves
 
 
 @dataclass(eq=False)

@@ -1,93 +1,128 @@
-"""Trainer extension points: what a method adds to the loop lives here, not in `if flag:` branches.
+"""The loop's extension points, and the callbacks the methods add: what a method or a tool adds to training
+lives in a callback, not in an `if flag:` branch of the loop.
 
-A callback may act when a step starts (``on_step_start``), once gradients exist and before clipping
-(``on_after_backward``), and add numbers to the log interval's record (``metrics``).
+Hooks, in the order a run calls them (``trainer`` is the loop, ``step`` the 1-based optimizer step):
+
+  on_run_start(trainer)                         before the first step (after any resume)
+  on_step_start(trainer, step)                  the LR of the step is set, the batch not yet read
+  on_after_backward(trainer, step)              gradients exist, not yet clipped
+  on_before_optimizer_step(trainer, step)       gradients clipped; the optimizer steps next
+  on_step_end(trainer, step, loss, grad_norm)   the step is done (device tensors: read them sparingly)
+  on_evaluate(trainer, step, val_loss)          after a validation loss
+  on_save_checkpoint(trainer, step, path)       a checkpoint was written
+  on_load_checkpoint(trainer, step, path)       the run resumed from a checkpoint (before on_run_start)
+  on_run_end(trainer)                           after the last step (also after a stop by signal)
+  on_error(trainer, error)                      the run failed; the error is raised again afterwards
+  metrics(trainer, step) -> dict                numbers for the log interval's record
+
+A callback with state returns it from ``state_dict`` (JSON values) under its ``state_key``; checkpoints store it
+and a resumed run hands it back to ``load_state_dict`` before ``on_load_checkpoint``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from pretrain.config import RunConfig
+from pretrain.models.moe import moe_layers
+from pretrain.models.structured import alpha_at, guided_layers
+from pretrain.parallel.plan import all_reduce_sum
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from pretrain.train.trainer import Trainer
 
 
 class Callback:
-    def on_step_start(self, trainer, step: int) -> None:
+    state_key: str | None = None  # set it (unique per run) to have state_dict saved in checkpoints
+
+    def on_run_start(self, trainer: Trainer) -> None:
         pass
 
-    def on_after_backward(self, trainer, step: int) -> None:
+    def on_step_start(self, trainer: Trainer, step: int) -> None:
         pass
 
-    def metrics(self, trainer, step: int) -> dict:
+    def on_after_backward(self, trainer: Trainer, step: int) -> None:
+        pass
+
+    def on_before_optimizer_step(self, trainer: Trainer, step: int) -> None:
+        pass
+
+    def on_step_end(self, trainer: Trainer, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        pass
+
+    def on_evaluate(self, trainer: Trainer, step: int, val_loss: float) -> None:
+        pass
+
+    def on_save_checkpoint(self, trainer: Trainer, step: int, path: Path) -> None:
+        pass
+
+    def on_load_checkpoint(self, trainer: Trainer, step: int, path: Path) -> None:
+        pass
+
+    def on_run_end(self, trainer: Trainer) -> None:
+        pass
+
+    def on_error(self, trainer: Trainer, error: BaseException) -> None:
+        pass
+
+    def metrics(self, trainer: Trainer, step: int) -> dict:
         return {}
 
+    def state_dict(self) -> dict:
+        return {}
 
-def guided_steps(cfg: RunConfig) -> int:
-    sg = cfg.model.ffn.self_guided
-    if not sg.enabled:
-        return 0
-    return sg.guided_steps or max(1, round(sg.ratio * cfg.train.max_steps))
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class SelfGuidedSchedule(Callback):
-    """Self-guided training (METHODS.md section 2): alpha decays 1 -> 0 by cosine over the guided steps,
-    set once per optimizer step; when it reaches 0 the dense guides leave the modules and the optimizer."""
+    """Self-guided training (docs/methods.md): alpha decays 1 -> 0 by cosine over the guided steps, set once per
+    optimizer step; when it reaches 0 the dense guides leave the modules and the optimizer. In same-FLOPs mode the
+    data starts over after the guided steps (``RunConfig.replay_after``)."""
 
-    def __init__(self, model: nn.Module, steps: int, start_step: int, reduce_flop: bool = False):
-        self.steps = steps
-        self.layers = [m for m in model.modules() if hasattr(m, "remove_guide")]
-        for layer in self.layers:
-            layer.reduce_flop = reduce_flop
-        if start_step >= steps:  # resuming after the guided phase: the checkpoint holds no guides
-            self._remove(None)
-        else:  # the alpha the model was last trained with (the next step sets its own)
-            from pretrain.models.structured import alpha_at
+    def __init__(self, steps: int, replay_after: int = 0):
+        self.steps, self.replay_after = steps, replay_after
 
-            for layer in self.layers:
-                layer.alpha = alpha_at(max(start_step - 1, 0), steps)
-
-    def on_step_start(self, trainer, step: int) -> None:
-        from pretrain.models.structured import alpha_at
-
+    def on_step_start(self, trainer: Trainer, step: int) -> None:
+        layers = guided_layers(trainer.model)
         if step <= self.steps:
-            for layer in self.layers:
+            for layer in layers:
                 layer.alpha = alpha_at(step - 1, self.steps)
-        elif any(layer.has_guide for layer in self.layers):
-            self._remove(trainer.optimizer)
-
-    def _remove(self, optimizer: torch.optim.Optimizer | None) -> None:
-        guides = [layer.guide for layer in self.layers if layer.has_guide]
-        for layer in self.layers:
-            if layer.has_guide:
+        elif any(layer.has_guide for layer in layers):
+            guides = [layer.guide for layer in layers if layer.has_guide]
+            for layer in layers:
                 layer.remove_guide()
-        if optimizer is not None:
-            from pretrain.train.optim import remove_params
+            trainer.engine.remove_params(guides)
 
-            remove_params(optimizer, guides)
+    def on_step_end(self, trainer: Trainer, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        if step == self.replay_after:
+            trainer.state["consumed_samples"] = 0  # the rest of the run reads the data from the start again
 
-    def metrics(self, trainer, step: int) -> dict:
-        return {"sgt_alpha": self.layers[0].alpha} if self.layers else {}
+    def metrics(self, trainer: Trainer, step: int) -> dict:
+        layers = guided_layers(trainer.model)
+        return {"sgt_alpha": layers[0].alpha} if layers else {}
 
 
 class MoEMetrics(Callback):
     """Per-layer expert load of the last micro-batch of every data-parallel rank together (the global
-    micro-batch), read once per log interval (METHODS.md section 3)."""
+    micro-batch), read once per log interval (docs/methods.md)."""
 
-    def metrics(self, trainer, step: int) -> dict:
-        from pretrain.models.moe import moe_layers
-        from pretrain.parallel.plan import all_reduce_sum
-
+    def metrics(self, trainer: Trainer, step: int) -> dict:
         record = {}
         dp = trainer.dims.dp_size
-        for name, layer in _named(trainer.model, moe_layers(trainer.model)):
-            stats = getattr(layer, "stats", None)
-            if not stats:
+        stats = trainer.engine.moe.stats
+        for layer in moe_layers(trainer.model):
+            if layer.layer_idx not in stats:
                 continue
-            packed = torch.cat([stats["tokens_per_expert"].float().flatten(),
-                                torch.stack([stats[k].float() for k in ("dropped_fraction", "balance_loss", "z_loss")])])
+            s = stats[layer.layer_idx]
+            name = f"blocks_{layer.layer_idx}_ffn"
+            packed = torch.cat([s["tokens_per_expert"].float().flatten(),
+                                torch.stack([s[k].float() for k in ("dropped_fraction", "balance_loss", "z_loss")])])
             packed = all_reduce_sum(packed, trainer.dims).cpu()
             tokens, (dropped, balance, z) = packed[:-3], (packed[-3:] / dp).tolist()
             record.update({f"moe/{name}/tokens_min": float(tokens.min()), f"moe/{name}/tokens_max": float(tokens.max()),
@@ -107,7 +142,7 @@ class DepthDiagnostics(Callback):
         self.handles: list = []
         self.angles: dict[str, list[torch.Tensor]] = {}
 
-    def on_step_start(self, trainer, step: int) -> None:
+    def on_step_start(self, trainer: Trainer, step: int) -> None:
         if step % self.interval:
             return
         self.angles = {key: [] for key in trainer.model.blocks}
@@ -121,7 +156,7 @@ class DepthDiagnostics(Callback):
                 self.angles[key].append(torch.arccos(cos.clamp(-1.0, 1.0)).mean() / math.pi)
         return hook
 
-    def on_after_backward(self, trainer, step: int) -> None:
+    def on_after_backward(self, trainer: Trainer, step: int) -> None:
         if not self.handles:
             return
         for handle in self.handles:
@@ -135,16 +170,11 @@ class DepthDiagnostics(Callback):
         trainer.metrics.log(record)
 
 
-def _named(model: nn.Module, layers: list[nn.Module]) -> list[tuple[str, nn.Module]]:
-    wanted = {id(m) for m in layers}
-    return [(name.replace(".", "_"), m) for name, m in model.named_modules() if id(m) in wanted]
-
-
-def build_callbacks(cfg: RunConfig, model: nn.Module, start_step: int) -> list[Callback]:
+def method_callbacks(cfg: RunConfig) -> list[Callback]:
+    """The callbacks the configured methods need."""
     callbacks: list[Callback] = []
     if cfg.model.ffn.self_guided.enabled:
-        callbacks.append(SelfGuidedSchedule(model, guided_steps(cfg), start_step,
-                                            cfg.model.ffn.self_guided.reduce_flop))
+        callbacks.append(SelfGuidedSchedule(cfg.guided_steps, cfg.replay_after))
     if cfg.model.moe.num_experts:
         callbacks.append(MoEMetrics())
     if cfg.logging.depth_interval:

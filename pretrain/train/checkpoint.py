@@ -2,7 +2,7 @@
 
 Layout of one checkpoint, ``RUN_DIR/checkpoints/step_NNNNNNN/``:
   ``.metadata`` + ``*.distcp``  model and optimizer state (DCP, keyed by global parameter names)
-  ``trainer_state.json``       step, consumed samples, tokens (the data position is global)
+  ``trainer_state.json``       step, consumed samples, tokens (the data position is global), callback states
   ``rng/rank_R.pt``           every rank's RNG states
   ``config.yaml``              the resolved run config, so the directory is self-describing
 It is written as ``step_NNNNNNN.tmp`` and renamed only when every rank has finished; a directory
@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -69,17 +70,17 @@ def set_rng_state(state: dict) -> None:
     devices.set_accelerator_rng_state(state["cuda"])
 
 
-def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
-         config_yaml: str, keep: int) -> Path:
-    """Write a checkpoint atomically on every rank, then drop all but the newest ``keep``."""
+def save(root: Path, step: int, write: Callable[[Path], None], trainer_state: dict, config_yaml: str,
+         keep: int) -> Path:
+    """Write a checkpoint atomically on every rank, then drop all but the newest ``keep``. ``write(dir)`` writes
+    the model and optimizer state (an engine's ``save_state``, or ``save_dcp`` of a model and optimizer)."""
     final = root / f"step_{step:07d}"
     tmp = root / f"step_{step:07d}.tmp"
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    write(tmp)
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
     if _rank() == 0:
@@ -94,6 +95,12 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Model and optimizer state as DCP shards under global parameter names (every rank writes its own)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
 
 
 def resolve(path: Path) -> Path:
@@ -126,8 +133,18 @@ def read_state(path: Path) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, no_dist: bool = False) -> dict:
-    """Restore model (and optimizer, RNG) in place; returns the trainer state. ``no_dist`` reads without
+def load(path: Path, restore: Callable[[Path], None]) -> dict:
+    """Restore a run in place: ``restore(path)`` loads model and optimizer (an engine's ``load_state``), then
+    this rank's RNG states. Returns the trainer state."""
+    restore(path)
+    rng_file = path / "rng" / f"rank_{_rank()}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return read_state(path)
+
+
+def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, no_dist: bool = False) -> None:
+    """Model (and optimizer) state from a checkpoint, resharded to this layout. ``no_dist`` reads without
     collectives, for one process alone while a process group is up (e.g. rank 0 exporting)."""
     model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (
         get_state_dict(model, [])[0], None)
@@ -147,7 +164,3 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, 
         for group, params in zip(state["optim"]["param_groups"], names, strict=True):
             group["params"] = params
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        rng_file = path / "rng" / f"rank_{_rank()}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-    return read_state(path)

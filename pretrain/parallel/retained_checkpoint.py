@@ -1,12 +1,6 @@
-"""Speed switches applied to a plain model from outside, as torchtitan does (models stay plain):
-activation checkpointing per block, regional ``torch.compile`` per block, and the torch profiler.
+"""Activation checkpointing for the split-backward pipeline schedules (2BP, ``pipeline.py``).
 
-Neither wrapper changes a parameter name (no ``_checkpoint_wrapped_module.`` or ``_orig_mod.`` prefixes):
-activation checkpointing uses the composable ``torch.distributed._composable.checkpoint`` (forward hooks),
-compilation uses ``nn.Module.compile`` (in place). Checkpoints, optimizer groups and parallel plans therefore
-see the same names whichever switches are on.
-
-Under a split-backward pipeline schedule (2BP, METHODS.md section 6) two backward passes walk each block's
+Under a split-backward pipeline schedule two backward passes walk each block's
 graph: the input backward I (``autograd.grad`` to the stage input, graph retained), later the weight backward W.
 torch's non-reentrant checkpoint (2.13) recomputes per backward pass and frees each recomputed tensor at its
 first unpack, with ``retain_graph`` too (Rule 4 of its notes): W would recompute the block again, once per
@@ -20,50 +14,12 @@ hooks, with each recomputed tensor kept until the graph that saved it lets go (t
 from __future__ import annotations
 
 import contextlib
-import functools
 import weakref
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed._composable import checkpoint
-from torch.utils.checkpoint import (
-    CheckpointPolicy,
-    create_selective_checkpoint_contexts,
-    get_device_states,
-    set_device_states,
-)
-
-from pretrain.config import TrainConfig
-from pretrain.models.moe import grouped_mm_works, moe_layers
-
-_aten = torch.ops.aten
-# Selective checkpointing keeps what is expensive to recompute: the outputs of matmuls (every linear),
-# grouped expert GEMMs and attention; norms, activations, RoPE and the residual adds are recomputed.
-_SAVED_OPS = {getattr(_aten, name).default for name in (
-    "mm", "addmm", "bmm", "_grouped_mm", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_flash_attention_for_cpu") if hasattr(_aten, name)}
-
-
-def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def apply_activation_checkpointing(model: nn.Module, mode: str, split_backward: bool = False) -> None:
-    """Recompute each block's activations in backward: ``full`` keeps only the block inputs, ``selective``
-    also keeps matmul and attention outputs. ``split_backward``: the pipeline splits each backward into an
-    input and a weight pass, which share one recomputation (``RetainedCheckpoint``). Apply before FSDP wraps
-    the blocks."""
-    if mode == "none":
-        return
-    context_fn = functools.partial(create_selective_checkpoint_contexts, _save_matmuls) if mode == "selective" else None
-    for block in model.blocks.values():
-        if split_backward:
-            RetainedCheckpoint(block, context_fn)
-        else:
-            checkpoint(block, context_fn=context_fn)
+from torch.utils.checkpoint import get_device_states, set_device_states
 
 
 class _Handle:
@@ -171,57 +127,3 @@ class _SavedActivations:
         if self.recomputed is None:
             raise RuntimeError(f"activation checkpointing: the recomputed forward saved {count} tensors, the "
                                f"forward {len(self.handles)}; the block must run the same ops both times")
-
-
-def apply_compile(model: nn.Module, enabled: bool, precision: str) -> None:
-    """Regional compilation: each block compiled in place. Blocks share their code, so one graph serves
-    all of them and compile time does not grow with depth. Compiled ``torch._grouped_mm`` takes bf16 only
-    (torch 2.13), so in fp32 the MoE layers run their experts with the per-expert loop. Whether the grouped
-    GEMM runs at all is probed here, eagerly: traced inside the graph, the probe (a forward and backward)
-    would break the graph and run again on every forward."""
-    if not enabled:
-        return
-    for layer in moe_layers(model):
-        if layer.experts is None and layer.grouped:
-            w = layer.w_up  # (experts, out, in); a DTensor's device is its local shard's
-            layer.grouped = precision == "bf16" and grouped_mm_works(w.device.type, torch.bfloat16, w.shape[-1],
-                                                                     w.shape[-2])
-    for block in model.blocks.values():
-        block.compile()
-
-
-def compile_loss(loss_fn: Callable, enabled: bool) -> Callable:
-    """The loss compiled as well: upcasting the logits, log-softmax and picking the label's log-probability
-    fuse into one pass over the (tokens x vocab) logits, forward and backward, instead of several."""
-    return torch.compile(loss_fn) if enabled else loss_fn
-
-
-class StepProfiler:
-    """``torch.profiler`` over a few optimizer steps: 1 skipped, 1 warm-up, then ``steps`` recorded. The
-    trace goes to ``RUN_DIR/profile`` (tensorboard's profile plugin, or Perfetto, opens it); a run that ends
-    inside the recorded window writes what it has."""
-
-    def __init__(self, cfg: TrainConfig, run_dir: Path, rank: int, device: torch.device):
-        self.prof = None
-        if not cfg.profile:
-            return
-        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        once = schedule(wait=1, warmup=1, active=cfg.profile_steps, repeat=1)  # repeat=0 would cycle all run long
-        self.prof = profile(activities=activities, schedule=once,
-                            on_trace_ready=tensorboard_trace_handler(str(run_dir / "profile"), f"rank{rank}"),
-                            record_shapes=True, profile_memory=True, acc_events=True)
-
-    def start(self) -> None:
-        if self.prof is not None:
-            self.prof.start()
-
-    def step(self) -> None:
-        if self.prof is not None:
-            self.prof.step()
-
-    def stop(self) -> None:
-        if self.prof is not None:
-            self.prof.stop()
-            self.prof = None

@@ -1,0 +1,135 @@
+"""Reading a run config: YAML, dotted ``key=value`` overrides, type checks and coercion, and the key reference
+behind ``pretrain config``. Every mistake raises :class:`ConfigError` naming the key and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pretrain.config.fields import ConfigError
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file '{path}' does not exist; pass the path of a YAML run "
+                              "config, e.g. configs/quickstart.yaml.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"'{path}' is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"'{path}' must hold a mapping of sections (model:, data:, ...).")
+    return raw
+
+
+def apply_override(root: type, raw: dict, item: str) -> None:
+    """Set ``section.key=value`` in the raw mapping, checking the key against the schema rooted at ``root``."""
+    if "=" not in item:
+        raise ConfigError(item, "an override must look like section.key=value, e.g. train.max_steps=50.")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    cls: Any = root
+    node = raw
+    for i, part in enumerate(parts):
+        dotted = ".".join(parts[: i + 1])
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(dotted, "is not a section; overrides go to section.key.")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise ConfigError(dotted, _unknown(part, names))
+        if i == len(parts) - 1:
+            try:
+                node[part] = yaml.safe_load(text) if text.strip() else ""
+            except yaml.YAMLError:
+                node[part] = text
+        else:
+            cls = typing.get_type_hints(cls)[part]
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(dotted, "is not a mapping in the YAML file.")
+
+
+def build(cls: type, raw: Any, prefix: str = "") -> Any:
+    """An instance of the config dataclass ``cls`` from a raw mapping, every value checked and coerced."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix, f"must be a mapping of keys, got {type(raw).__name__}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(dotted, _unknown(str(key), fields))
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _unknown(name: str, allowed: dict) -> str:
+    close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"unknown key.{hint} Allowed here: {', '.join(allowed)}."
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(key, f"got {value!r}; allowed: {', '.join(map(str, allowed))}.")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list, got {type(value).__name__}.")
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"must be a number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(key, f"must be a string, got {value!r}.")
+        return str(value)
+    return value
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, doc) for every field: the reference behind `pretrain config`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], key + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((key, default, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,85 @@
+"""The ``optim:``, ``train:``, ``checkpoint:`` and ``logging:`` sections: the optimizer and its schedule, the
+loop, checkpoints and what gets logged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pretrain.config.fields import option, require, require_all
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = option(3e-4, "Peak learning rate.")
+    min_lr_ratio: float = option(0.1, "Final learning rate as a fraction of lr.")
+    schedule: Literal["cosine", "wsd", "constant"] = option(
+        "cosine", "LR schedule after warmup: cosine decay, warmup-stable-decay, or constant.")
+    warmup_steps: int = option(100, "Linear warmup steps from 0 to lr.")
+    decay_fraction: float = option(0.2, "wsd: fraction of max_steps spent in the final (linear) decay.")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay (never on norms, biases, embeddings).")
+    beta1: float = option(0.9, "AdamW beta1.")
+    beta2: float = option(0.95, "AdamW beta2.")
+    eps: float = option(1e-8, "AdamW epsilon.")
+    grad_clip: float = option(1.0, "Clip the global gradient norm to this; 0 = no clipping.")
+    impl: Literal["auto", "foreach", "fused", "for_loop"] = option(
+        "auto", "AdamW kernels: foreach (multi-tensor), fused, for_loop (per parameter), or auto (torch's choice).")
+
+    def check(self) -> None:
+        require_all([("optim.warmup_steps", self.warmup_steps), ("optim.weight_decay", self.weight_decay),
+                     ("optim.grad_clip", self.grad_clip)], 0, "0 or more")
+        require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}.")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must lie in [0, 1], got {self.min_lr_ratio}.")
+        require(0 < self.decay_fraction <= 1, "optim.decay_fraction", f"must lie in (0, 1], got {self.decay_fraction}.")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1", "betas must lie in [0, 1).")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = option("runs/default", "Directory for config.yaml, metrics.jsonl, checkpoints/ and tensorboard/.")
+    max_steps: int = option(1000, "Optimizer steps of the whole run (the LR schedule spans them).")
+    stop_at_step: int = option(0, "Stop with a checkpoint after this step though the schedule spans max_steps; 0 = off.")
+    seed: int = option(1234, "Seed of the weights (by parameter name), the data order and every RNG.")
+    log_interval: int = option(10, "Steps between console lines and metrics.jsonl entries (1 logs every step).")
+    eval_interval: int = option(100, "Steps between validation losses; 0 = only at the end.")
+    eval_iters: int = option(4, "Global batches of the validation split per validation loss.")
+    resume: str = option("auto", "auto (newest complete checkpoint in run_dir), never, or a checkpoint directory.")
+    precision: Literal["fp32", "bf16"] = option("fp32", "bf16 = autocast matmuls to bfloat16 with fp32 master weights.")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available, else cpu.")
+    compile: bool = option(False, "torch.compile every block (regional) and the loss, after the parallel layout is applied.")
+    activation_checkpointing: Literal["none", "full", "selective"] = option(
+        "none", "Recompute in backward: full = whole blocks; selective = all but matmul and attention outputs.")
+    signal_check_interval: int = option(
+        5, "Multi-process runs: steps between the checks (one tiny all-reduce) whether any rank got SIGTERM/SIGUSR1; "
+        "a single process checks every step at no cost.")
+    profile: bool = option(False, "torch profiler trace of train.profile_steps steps (after 1 skipped, 1 warm-up) in RUN_DIR/profile.")
+    profile_steps: int = option(3, "Steps recorded by train.profile.")
+    sample_prompt: str = option("", "Prompt to sample a short continuation from at the end of training; empty = none.")
+    sample_tokens: int = option(48, "Tokens generated for the end-of-run sample.")
+
+    def check(self) -> None:
+        require_all([("train.max_steps", self.max_steps), ("train.log_interval", self.log_interval),
+                     ("train.eval_iters", self.eval_iters), ("train.profile_steps", self.profile_steps),
+                     ("train.signal_check_interval", self.signal_check_interval)], 1, "at least 1")
+        require_all([("train.eval_interval", self.eval_interval), ("train.stop_at_step", self.stop_at_step),
+                     ("train.sample_tokens", self.sample_tokens)], 0, "0 or more")
+        require(self.resume in ("auto", "never") or bool(self.resume), "train.resume",
+                "use auto, never or a checkpoint directory.")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    interval: int = option(500, "Steps between checkpoints (the last step is always saved); 0 = only at the end.")
+    keep: int = option(3, "Number of newest checkpoints kept; older ones are deleted.")
+    export_hf: bool = option(False, "At the end of training, export the last checkpoint to RUN_DIR/hf (Hugging Face format).")
+
+    def check(self) -> None:
+        require_all([("checkpoint.keep", self.keep)], 1, "at least 1")
+        require_all([("checkpoint.interval", self.interval)], 0, "0 or more")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = option(True, "Write tensorboard scalars to RUN_DIR/tensorboard.")
+    depth_interval: int = option(0, "Steps between depth diagnostics (per-block grad norm, angular distance); 0 = off.")
+    peak_tflops: float = option(0.0, "Peak TFLOP/s for MFU; 0 = datasheet for known GPUs, a quick measurement on CPU.")
