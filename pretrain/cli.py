@@ -1,14 +1,19 @@
-"""`pretrain <verb>`: the command line. User errors print one paragraph and no traceback:
-exit code 2 for a bad config, 1 for anything else the user can fix (missing file, bad data, ...)."""
+"""`pretrain <verb>`: the command line. A mistake a user can fix (config, data, paths, checkpoints, layout) prints
+one paragraph naming the cause and the fix, once (rank 0 of a multi-process run), no traceback, and exits with
+code 2; a bug keeps its traceback, says it is one, and exits with code 1."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from pretrain.config import ConfigError, describe, load_config
 from pretrain.errors import UserError
 from pretrain.torch_compat import check_torch_version
+
+EXIT_USER_ERROR = 2
 
 
 def _train(args) -> int:
@@ -161,17 +166,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_torch_version()
         return args.fn(args)
-    except ConfigError as e:
-        print(f"pretrain: config error: {e}", file=sys.stderr)
-        return 2
     except UserError as e:
-        print(f"pretrain: error: {e}", file=sys.stderr)
-        return 1
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank meets the same mistake: say it once
+            kind = "config error" if isinstance(e, ConfigError) else "error"
+            print(f"pretrain: {kind}: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except BrokenPipeError:  # output piped into `head` and friends
         return 0
     except KeyboardInterrupt:
         print("pretrain: interrupted; the newest complete checkpoint is kept.", file=sys.stderr)
         return 130
+    except Exception:
+        traceback.print_exc()
+        print("pretrain: internal error: this is a bug in pretrain, not something in your config or data; please "
+              "report it with the traceback above.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ from torch.distributed._composable import checkpoint as composable_checkpoint
 # all_to_all_single too, but it is not traceable by torch.compile).
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
+# Setting a value deep in a nested state dict by its flattened path, as DCP's own load planner does.
+from torch.distributed.checkpoint._traverse import set_element as set_nested_element
+
 # Pipelining. The runtime that executes per-rank action lists (our 2BP orders and merged W actions need it;
 # the public schedule classes take no custom order), its action and context types, and its order check.
 # The split backward of one stage (input part, then weight part) is public only inside the schedules.
@@ -43,7 +46,7 @@ from torch.utils._pytree import tree_leaves
 __all__ = ["Action", "PipelineContext", "ScheduleRuntime", "StridedShard", "all_to_all_single_autograd",
            "check_torch_version", "composable_checkpoint", "defer_weight_backward", "flatten_mesh", "grouped_mm",
            "load_actions", "pop_deferred_weight_backward", "pop_forward_cache", "rank_actions", "received_grads",
-           "run_microbatches", "runtime_stages", "set_rank_actions", "stage_backward_input", "stage_backward_weight",
+           "run_microbatches", "runtime_stages", "set_nested_element", "set_rank_actions", "stage_backward_input", "stage_backward_weight",
            "style_io_fns", "tree_leaves", "validate_schedule"]
 
 MIN_TORCH = (2, 11)

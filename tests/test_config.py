@@ -43,7 +43,7 @@ def test_float_written_without_dot_is_a_number(tmp_path):
     (None, "train.precision=fp8", "train.precision", "allowed: fp32, bf16"),
     (None, "data.global_batch_size=10", "data.global_batch_size", "multiple of micro_batch_size"),
     (None, "model.num_heads=5", "model.num_heads", "not divisible"),
-    (None, "optim.lr=-1", "optim.lr", "positive"),
+    (None, "optim.lr=-1", "optim.lr", "must lie in (0, 1]"),
     (None, "data.split=90,10", "data.split", "three weights"),
     (None, "data.blend=[{path: x, weight: 0}]", "data.blend[0].weight", "positive"),
 ])

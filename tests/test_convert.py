@@ -304,4 +304,4 @@ def test_cli_export_then_import_round_trips_our_weights(make_cfg, tmp_path):
     for name, tensor in original.items():
         assert torch.equal(back[name], tensor), name
     missing = run_cli("import", str(tmp_path / "nowhere"), str(tmp_path / "x"))
-    assert missing.returncode == 1 and "config.json" in missing.stderr and "Traceback" not in missing.stderr
+    assert missing.returncode == 2 and "config.json" in missing.stderr and "Traceback" not in missing.stderr

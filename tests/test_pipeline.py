@@ -442,7 +442,7 @@ def test_schedule_tool_draws_the_timeline_and_prints_bubble_and_peak(tmp_path):
     assert "peak activations  rank 0: 8, rank 1: 8, rank 2: 8, rank 3: 8" in result.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = run_cli("schedule", "--pp", "2", "--microbatches", "2", "--schedule", "dualpipev")
-    assert bad.returncode == 1 and "dualpipev cannot run 2 microbatches" in bad.stderr
+    assert bad.returncode == 2 and "dualpipev cannot run 2 microbatches" in bad.stderr
 
 
 @pytest.mark.slow

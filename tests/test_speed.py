@@ -207,6 +207,7 @@ class HostReads(torch.overrides.TorchFunctionMode):
         super().__init__()
         self.host_ids = {id(t) for t in host_tensors}
         self.allowed = 0
+        self.finiteness = 0  # reads of whether the gradient norm is finite (train.skip_nonfinite)
         self.where: list[tuple[str, str, int]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -216,21 +217,24 @@ class HostReads(torch.overrides.TorchFunctionMode):
             frames = [f for f in traceback.extract_stack() if "/pretrain/" in f.filename]
             if id(args[0]) in self.host_ids or any(f.name == "global_tokens" for f in frames):
                 self.allowed += 1
+            elif frames and frames[-1].name == "optimizer_step" and func is torch.Tensor.__bool__:
+                self.finiteness += 1
             else:
                 self.where.append((func.__name__, frames[-1].filename if frames else "?",
                                    frames[-1].lineno if frames else 0))
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("model", ["dense", "moe"])
-def test_train_step_reads_no_device_value_into_python(tiny_cfg, tmp_path, model):
+@pytest.mark.parametrize("model,skip_nonfinite", [("dense", False), ("moe", False), ("dense", True)])
+def test_train_step_reads_no_device_value_into_python(tiny_cfg, tmp_path, model, skip_nonfinite):
     """No host-device sync inside the step: losses and the gradient norm stay tensors (logging reads them once
     per log interval). The only values read are the token counts of the host-side loss masks and AdamW's
-    step counters, which torch keeps on the host."""
+    step counters, which torch keeps on the host, and (``train.skip_nonfinite``, on by default) one flag: whether
+    the gradient norm is finite, which decides whether the optimizer steps."""
     from pretrain.bench import our_engine, synthetic_batches
 
     extra = ["model.moe.num_experts=4", "model.moe.top_k=2"] if model == "moe" else []
-    cfg = tiny_cfg("model.vocab_size=640", *extra)
+    cfg = tiny_cfg("model.vocab_size=640", f"train.skip_nonfinite={str(skip_nonfinite).lower()}", *extra)
     engine = our_engine(cfg)
     if model == "moe":  # the grouped GEMM (the looped experts need their segment sizes on the host)
         assert all(layer.grouped for layer in pretrain.models.moe.moe_layers(engine.model))
@@ -241,3 +245,4 @@ def test_train_step_reads_no_device_value_into_python(tiny_cfg, tmp_path, model)
         loss, grad_norm = engine.train_step(batches[1])
     assert isinstance(loss, torch.Tensor) and isinstance(grad_norm, torch.Tensor)
     assert reads.allowed > 0 and reads.where == []
+    assert reads.finiteness == int(skip_nonfinite)

@@ -90,7 +90,7 @@ def test_checkpoints_are_atomic_and_pruned(tiny_cfg, tmp_path):
     for f in (root / "step_0000020").glob("*.distcp"):
         f.write_bytes(b"garbage")
     trainer_cfg = tiny_cfg(f"train.resume={root / 'step_0000020'}")
-    with pytest.raises(UserError, match="older checkpoint"):
+    with pytest.raises(UserError, match=r"step_0000020' is damaged: .*distcp has 7 bytes"):
         Trainer(trainer_cfg, log=quiet)
     assert (root / "step_0000015").is_dir()
     with pytest.raises(UserError, match="not a complete checkpoint"):
@@ -175,7 +175,7 @@ def test_cli_train_end_to_end(tiny_overrides, tmp_path):
     # a user error mid-setup: no traceback, the cause and the fix
     bad = run_cli("train", "configs/quickstart.yaml", *tiny_overrides, "data.sources=[{path: /nope/*.jsonl}]",
                   "data.prefix=" + str(tmp_path / "other"))
-    assert bad.returncode == 1 and "matches no file" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "matches no file" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_gradient_accumulation_matches_one_large_micro_batch(tiny_cfg, tmp_path):

@@ -97,6 +97,11 @@ class ModelConfig:
                      ("model.moe.expert_ffn_hidden_size", moe.expert_ffn_hidden_size),
                      ("model.moe.capacity_factor", moe.capacity_factor), ("model.moe.balance_coef", moe.balance_coef),
                      ("model.moe.z_coef", moe.z_coef)], 0, "0 or more")
+        for key, value in [("model.init_std", self.init_std), ("model.norm_eps", self.norm_eps),
+                           ("model.rope_theta", self.rope_theta)]:
+            require(value > 0, key, f"must be positive, got {value}.")
+        require(self.init_std <= 1, "model.init_std", f"got {self.init_std}; weights drawn this wide overflow at once "
+                "(the usual value is 0.02).")
         require(self.hidden_size % self.num_heads == 0, "model.num_heads",
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; pick a divisor.")
         require(self.head_dim % 2 == 0, "model.num_heads", f"head dim {self.head_dim} must be even for RoPE.")

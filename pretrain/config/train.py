@@ -28,7 +28,9 @@ class OptimConfig:
     def check(self) -> None:
         require_all([("optim.warmup_steps", self.warmup_steps), ("optim.weight_decay", self.weight_decay),
                      ("optim.grad_clip", self.grad_clip)], 0, "0 or more")
-        require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}.")
+        require(0 < self.lr <= 1, "optim.lr", f"must lie in (0, 1], got {self.lr}: AdamW moves every weight by up to "
+                "lr per step, and weights are about 0.02; typical values are 1e-4 to 1e-2.")
+        require(0 < self.eps < 1, "optim.eps", f"must lie in (0, 1), got {self.eps}; the usual value is 1e-8.")
         require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must lie in [0, 1], got {self.min_lr_ratio}.")
         require(0 < self.decay_fraction <= 1, "optim.decay_fraction", f"must lie in (0, 1], got {self.decay_fraction}.")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1", "betas must lie in [0, 1).")
@@ -43,7 +45,9 @@ class TrainConfig:
     log_interval: int = option(10, "Steps between console lines and metrics.jsonl entries (1 logs every step).")
     eval_interval: int = option(100, "Steps between validation losses; 0 = only at the end.")
     eval_iters: int = option(4, "Global batches of the validation split per validation loss.")
-    resume: str = option("auto", "auto (newest complete checkpoint in run_dir), never, or a checkpoint directory.")
+    resume: str = option("auto", "auto (newest complete checkpoint in run_dir), never (a new run; refused where one "
+                         "exists), overwrite (a new run replacing the old one's checkpoints and logs), or a checkpoint "
+                         "directory.")
     precision: Literal["fp32", "bf16"] = option("fp32", "bf16 = autocast matmuls to bfloat16 with fp32 master weights.")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available, else cpu.")
     compile: bool = option(False, "torch.compile every block (regional) and the loss, after the parallel layout is applied.")
@@ -52,6 +56,14 @@ class TrainConfig:
     signal_check_interval: int = option(
         5, "Multi-process runs: steps between the checks (one tiny all-reduce) whether any rank got SIGTERM/SIGUSR1; "
         "a single process checks every step at no cost.")
+    skip_nonfinite: bool = option(
+        True, "Skip the optimizer step (weights and optimizer state untouched) when the gradient norm is NaN or "
+        "infinite; costs one host read of a flag per step.")
+    max_nonfinite_steps: int = option(
+        5, "After this many consecutive skipped steps the run stops (exit code 2), or rolls back (nonfinite_rollback).")
+    nonfinite_rollback: bool = option(
+        False, "Instead of stopping: reload the newest checkpoint and skip the batches read since it (PaLM-style), "
+        "at most 3 times a run.")
     profile: bool = option(False, "torch profiler trace of train.profile_steps steps (after 1 skipped, 1 warm-up) in RUN_DIR/profile.")
     profile_steps: int = option(3, "Steps recorded by train.profile.")
     sample_prompt: str = option("", "Prompt to sample a short continuation from at the end of training; empty = none.")
@@ -60,11 +72,12 @@ class TrainConfig:
     def check(self) -> None:
         require_all([("train.max_steps", self.max_steps), ("train.log_interval", self.log_interval),
                      ("train.eval_iters", self.eval_iters), ("train.profile_steps", self.profile_steps),
-                     ("train.signal_check_interval", self.signal_check_interval)], 1, "at least 1")
+                     ("train.signal_check_interval", self.signal_check_interval),
+                     ("train.max_nonfinite_steps", self.max_nonfinite_steps)], 1, "at least 1")
         require_all([("train.eval_interval", self.eval_interval), ("train.stop_at_step", self.stop_at_step),
                      ("train.sample_tokens", self.sample_tokens)], 0, "0 or more")
-        require(self.resume in ("auto", "never") or bool(self.resume), "train.resume",
-                "use auto, never or a checkpoint directory.")
+        require(self.resume in ("auto", "never", "overwrite") or bool(self.resume), "train.resume",
+                "use auto, never, overwrite or a checkpoint directory.")
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,9 @@ class CheckpointConfig:
     interval: int = option(500, "Steps between checkpoints (the last step is always saved); 0 = only at the end.")
     keep: int = option(3, "Number of newest checkpoints kept; older ones are deleted.")
     export_hf: bool = option(False, "At the end of training, export the last checkpoint to RUN_DIR/hf (Hugging Face format).")
+    verify: Literal["checksums", "sizes", "none"] = option(
+        "checksums", "Before resuming, check the checkpoint's files against the sizes (and SHA-256, read in shares by "
+        "the ranks) recorded when it was written; auto resume falls back to an older one when they differ.")
 
     def check(self) -> None:
         require_all([("checkpoint.keep", self.keep)], 1, "at least 1")

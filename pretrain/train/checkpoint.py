@@ -3,23 +3,24 @@
 Layout of one checkpoint, ``RUN_DIR/checkpoints/step_NNNNNNN/``:
   ``.metadata`` + ``*.distcp``  model and optimizer state (DCP, keyed by global parameter names)
   ``trainer_state.json``       step, consumed samples, tokens (the data position is global), callback states
-  ``rng/rank_R.pt``           every rank's RNG states
+  ``rng/rank_R.pt``           every rank's RNG states (tensors and numbers only)
   ``config.yaml``              the resolved run config, so the directory is self-describing
 It is written as ``step_NNNNNNN.tmp`` and renamed only when every rank has finished; a directory
-without ``.tmp`` and with both ``.metadata`` and ``trainer_state.json`` is complete.
+without ``.tmp`` and with both ``.metadata`` and ``trainer_state.json`` is complete. Loading never unpickles
+anything but data (``safe_load.py``).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
-import random
 import re
 import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -27,8 +28,16 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from pretrain import device as devices
 from pretrain.errors import UserError
+from pretrain.train import faults
+from pretrain.train.safe_load import (
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    load_rng_file,
+    read_dcp_metadata,
+    rng_state,
+    set_rng_state,
+)
 
 # A single process saves and loads DCP without a process group; that is intended, not worth a warning.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -50,6 +59,19 @@ def is_complete(path: Path) -> bool:
             and (path / "trainer_state.json").is_file())
 
 
+def incomplete_checkpoints(root: Path) -> list[tuple[Path, str]]:
+    """Checkpoint directories (not ``.tmp``) that lack a file every complete one has, with the missing file."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and _STEP_DIR.match(p.name):
+            missing = [name for name in (".metadata", "trainer_state.json") if not (p / name).is_file()]
+            if missing:
+                found.append((p, missing[0]))
+    return found
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     if not root.is_dir():
@@ -58,43 +80,113 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": devices.accelerator_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    devices.set_accelerator_rng_state(state["cuda"])
-
-
 def save(root: Path, step: int, write: Callable[[Path], None], trainer_state: dict, config_yaml: str,
          keep: int) -> Path:
     """Write a checkpoint atomically on every rank, then drop all but the newest ``keep``. ``write(dir)`` writes
-    the model and optimizer state (an engine's ``save_state``, or ``save_dcp`` of a model and optimizer)."""
+    the model and optimizer state (an engine's ``save_state``, or ``save_dcp`` of a model and optimizer). The size
+    and SHA-256 of every file go to ``integrity.json`` (each rank hashes a share). A write that fails (a full
+    disk, a read-only directory) leaves the earlier checkpoints as they were and names the directory."""
     final = root / f"step_{step:07d}"
     tmp = root / f"step_{step:07d}.tmp"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    try:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        faults.reached("save.begin", step)
+        write(tmp)
+        faults.reached("save.after_shards", step)
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")  # tensors and numbers: safe to load
+        if _rank() == 0:
+            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
+        _barrier()
+        files = _gather(_digests(tmp, share=True))
+        if _rank() == 0:
+            (tmp / INTEGRITY).write_text(json.dumps({"files": dict(sorted(files.items()))}, indent=1) + "\n")
+    except (OSError, RuntimeError, CheckpointException) as e:
+        errors = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+        os_error = next((exc for exc in errors if isinstance(exc, OSError)), None)
+        # torch's file writer reports a short write of a full disk as a RuntimeError ("unexpected pos"), so ask
+        # the disk too.
+        full = (os_error is not None and os_error.errno == errno.ENOSPC) or shutil.disk_usage(root).free < 1 << 20
+        if not full and os_error is None:
+            raise
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = complete_checkpoints(root)
+        what = "no space left on the device" if full else f"{os_error.strerror or os_error}"
+        raise UserError(f"could not write checkpoint '{tmp}': {what}. "
+                        f"{f'The newest complete checkpoint, {kept[-1]}, is intact. ' if kept else ''}"
+                        "Free space or give train.run_dir a writable place with room, then run again "
+                        "(train.resume=auto continues from the newest checkpoint).") from None
     _barrier()
-    write(tmp)
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
-    if _rank() == 0:
-        (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
-    _barrier()
+    faults.reached("save.before_rename", step)
     if _rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        faults.reached("save.after_rename", step)
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+INTEGRITY = "integrity.json"
+
+
+def _digests(directory: Path, share: bool) -> dict[str, dict]:
+    """{relative path: size and SHA-256} of the files under ``directory`` (with ``share``, this rank's share)."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != INTEGRITY)
+    if share and dist.is_initialized():
+        files = files[dist.get_rank()::dist.get_world_size()]
+    return {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _gather(part: dict) -> dict:
+    if not dist.is_initialized():
+        return part
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
+
+
+def damage(path: Path, checksums: bool = True) -> str | None:
+    """What is wrong with a complete checkpoint, or None when every file ``integrity.json`` lists is there with its
+    size (and, with ``checksums``, its SHA-256; each rank reads a share). The same answer on every rank."""
+    manifest_file = path / INTEGRITY
+    problem = None
+    if manifest_file.is_file():
+        try:
+            listed = json.loads(manifest_file.read_text())["files"]
+        except (ValueError, KeyError):
+            listed, problem = {}, f"{manifest_file} is not a valid integrity record"
+        names = sorted(listed)
+        mine = names[_rank()::dist.get_world_size()] if dist.is_initialized() else names
+        for name in names:
+            file = path / name
+            if not file.is_file():
+                problem = problem or f"{file} is missing"
+            elif file.stat().st_size != listed[name]["size"]:
+                problem = problem or (f"{file} has {file.stat().st_size} bytes, {listed[name]['size']} were written "
+                                      "(truncated or replaced)")
+            elif checksums and name in mine and _sha256(file) != listed[name]["sha256"]:
+                problem = problem or f"{file} does not hold the bytes that were written (its SHA-256 differs)"
+    if dist.is_initialized():
+        found: list = [None] * dist.get_world_size()
+        dist.all_gather_object(found, problem)
+        problem = next((p for p in found if p), None)
+    return problem
 
 
 def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -114,9 +206,36 @@ def resolve(path: Path) -> Path:
     return found[-1]
 
 
+def prepare_run_dir(run_dir: Path, resume: str) -> None:
+    """Before a run starts in ``run_dir``: ``never`` refuses a directory that holds checkpoints (the new run's
+    would be deleted by retention as older ones, and its metrics mixed with the old run's); ``overwrite`` clears
+    the checkpoints and logs of the earlier run."""
+    found = complete_checkpoints(run_dir / "checkpoints")
+    if resume == "never" and found:
+        raise UserError(f"train.resume=never, but '{run_dir}' already holds a run (newest checkpoint {found[-1].name}). "
+                        "Start the new run elsewhere (train.run_dir=...), continue the old one (train.resume=auto), or "
+                        "replace it (train.resume=overwrite deletes its checkpoints and logs).")
+    for stale in (run_dir / "checkpoints").glob("step_*.tmp"):  # a save that was killed half-way
+        shutil.rmtree(stale, ignore_errors=True)
+    if resume == "overwrite":
+        for name in ("checkpoints", "tensorboard", "profile"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "preempted"):
+            (run_dir / name).unlink(missing_ok=True)
+
+
+def resume_candidates(root: Path, resume: str) -> list[Path]:
+    """The checkpoints to try, in order: for ``auto`` every complete one, newest first; the given one; none."""
+    if resume in ("never", "overwrite"):
+        return []
+    if resume == "auto":
+        return complete_checkpoints(root)[::-1]
+    return [find_resume(root, resume)]
+
+
 def find_resume(root: Path, resume: str) -> Path | None:
     """The checkpoint to resume from: newest complete one for ``auto``, none for ``never``, else the path."""
-    if resume == "never":
+    if resume in ("never", "overwrite"):
         return None
     if resume == "auto":
         found = complete_checkpoints(root)
@@ -139,7 +258,7 @@ def load(path: Path, restore: Callable[[Path], None]) -> dict:
     restore(path)
     rng_file = path / "rng" / f"rank_{_rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(load_rng_file(rng_file))
     return read_state(path)
 
 
@@ -153,7 +272,10 @@ def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | No
     # (under pipeline parallelism another stage's), and torch drops a tied weight those names miss: keep ours.
     names = [list(group["params"]) for group in optim_sd["param_groups"]] if optimizer is not None else []
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
+        read_dcp_metadata(path / ".metadata")  # refused here, with its own message, before DCP reads anything
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), no_dist=no_dist)
+    except UserError:
+        raise
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
         raise UserError(f"checkpoint '{path}' could not be read ({type(e).__name__}: {str(e)[:300]}). It may be "
                         "damaged or from another model shape: point train.resume at an older checkpoint, or "

@@ -43,7 +43,7 @@ class ProgressLogger(Callback):
         tokens_per_step = trainer.cfg.data.tokens_per_step
         tps = self.steps * tokens_per_step / elapsed
         all_reduce_sum(self.loss_sum, trainer.dims)
-        rec = {"step": step, "loss": float(self.loss_sum) / self.steps,
+        rec = {"step": step, "consumed_samples": trainer.state["consumed_samples"], "loss": float(self.loss_sum) / self.steps,
                "lr": trainer.engine.optimizer.param_groups[0]["lr"], "tokens": trainer.state["tokens"],
                "tokens_per_s": tps, "grad_norm": float(grad_norm),
                "mfu": tps * trainer.flops_per_token / (trainer.peak_tflops * 1e12), "step_time_s": elapsed / self.steps}
@@ -88,9 +88,11 @@ class Checkpointer(Callback):
     def on_step_end(self, trainer: Trainer, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         interval = trainer.cfg.checkpoint.interval
         if (interval and step % interval == 0) or trainer.is_final_step:
-            self.last = trainer.save_checkpoint()
-            trainer.log(f"checkpoint -> {self.last}")
-            trainer.callbacks_call("on_save_checkpoint", step, self.last)
+            path = trainer.save_checkpoint()
+            if path is not None:
+                self.last = path
+                trainer.log(f"checkpoint -> {path}")
+                trainer.callbacks_call("on_save_checkpoint", step, path)
 
 
 class Profiler(Callback):

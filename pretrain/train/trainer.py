@@ -20,6 +20,7 @@ from pretrain import device as devices
 from pretrain.config import RunConfig, resolve
 from pretrain.data.loader import GlobalBatches, MicroBatch, build_datasets, read_ahead
 from pretrain.data.prepare import ensure_data, ensure_tokenizer
+from pretrain.errors import UserError
 from pretrain.generate import generate
 from pretrain.models.transformer import flops_per_token, num_params
 from pretrain.parallel import mesh
@@ -29,6 +30,7 @@ from pretrain.train.callbacks import Callback, method_callbacks
 from pretrain.train.engines import Engine, build_engine
 from pretrain.train.loop_callbacks import Checkpointer, Evaluator, Profiler, ProgressLogger
 from pretrain.train.metrics import MetricsLogger, format_duration
+from pretrain.train.numerics import NonFiniteGuard
 from pretrain.train.optim import lr_at
 from pretrain.train.preemption import StopOnSignal
 
@@ -68,15 +70,14 @@ class Trainer:
         self.tokenizer = ensure_tokenizer(cfg, self.log)
         blend = ensure_data(cfg, self.tokenizer, self.log)
         self.cfg = cfg = resolve(cfg, self.tokenizer.vocab_size if self.tokenizer is not None else None)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config_yaml = cfg.to_yaml()
-        if self.rank == 0:
-            (self.run_dir / "config.yaml").write_text(self.config_yaml)
 
         d, tr = cfg.data, cfg.train
-        resume_from = checkpoint.find_resume(self.ckpt_root, tr.resume)
-        start_step = checkpoint.read_state(resume_from)["step"] if resume_from else 0
-        self.engine: Engine = build_engine(cfg, self.dims, self.device, start_step)
+        if self.rank == 0:
+            checkpoint.prepare_run_dir(self.run_dir, tr.resume)
+        if self.dims.is_parallel:
+            dist.barrier()
+        self.engine, resume_from, state = self._start()
         self.total_steps = cfg.total_steps
         self.last_step = min(self.total_steps, tr.stop_at_step) if tr.stop_at_step else self.total_steps
         valid_samples = tr.eval_iters * d.global_batch_size
@@ -88,20 +89,58 @@ class Trainer:
         self.valid_batches = GlobalBatches(valid_ds, d.global_batch_size, d.micro_batch_size, *dp) if valid_ds else None
 
         self.stop_on_signal = StopOnSignal(tr.signal_check_interval)
-        self.callbacks: list[Callback] = [self.stop_on_signal, *method_callbacks(cfg)]
+        guard = [NonFiniteGuard(tr.max_nonfinite_steps, tr.nonfinite_rollback)] if tr.skip_nonfinite else []
+        self.callbacks: list[Callback] = [self.stop_on_signal, *guard, *method_callbacks(cfg)]
         self.progress, self.evaluator, self.checkpointer = ProgressLogger(), Evaluator(), Checkpointer()
         self.loop_callbacks: list[Callback] = ([Profiler()] if tr.profile else []) + [
             self.progress, self.evaluator, self.checkpointer]
         self.stop_requested = False
-        self.state = {"step": 0, "consumed_samples": 0, "tokens": 0}
+        self.state = state
         self.resumed_from = resume_from
         self.flops_per_token = flops_per_token(cfg.model, d.seq_len)
         self.peak_tflops = cfg.logging.peak_tflops or devices.peak_tflops(self.device, tr.precision)
-        if resume_from is not None:
-            self.state = checkpoint.load(resume_from, self.engine.load_state)
-            self.log(f"resumed from {resume_from} at step {self.state['step']}")
+        # Only now that the run stands (a failed resume changes no file): its config, and its metrics from the step
+        # it starts at (records of steps no checkpoint kept, from an attempt that died, are logged again).
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
-                                     purge_step=self.state["step"] + 1 if self.state["step"] else None)
+                                     start_step=self.state["step"])
+
+    def _start(self) -> tuple[Engine, Path | None, dict]:
+        """The engine, built as of the checkpoint the run resumes from, with that checkpoint loaded. A damaged
+        checkpoint (files differing from what was written, or unreadable) is named; ``auto`` then falls back to the
+        one before it, a checkpoint given by path stops the run."""
+        cfg = self.cfg
+        candidates = checkpoint.resume_candidates(self.ckpt_root, cfg.train.resume)
+        if cfg.train.resume == "auto":
+            for path, missing in checkpoint.incomplete_checkpoints(self.ckpt_root):
+                self.log(f"checkpoint {path} is incomplete (no {missing}): skipped")
+        for path in candidates:
+            explicit = cfg.train.resume != "auto"
+            problem = None if cfg.checkpoint.verify == "none" else checkpoint.damage(
+                path, checksums=cfg.checkpoint.verify == "checksums")
+            if problem is None:
+                engine = build_engine(cfg, self.dims, self.device, checkpoint.read_state(path)["step"])
+                try:
+                    state = checkpoint.load(path, engine.load_state)
+                except UserError as e:
+                    if explicit:
+                        raise
+                    problem = str(e)
+            if problem is None:
+                self.log(f"resumed from {path} at step {state['step']}")
+                return engine, path, state
+            if explicit:
+                raise UserError(f"checkpoint '{path}' is damaged: {problem}. Resume from another one (train.resume=auto "
+                                "takes the newest intact one), or start over in a new train.run_dir.")
+            older = candidates[candidates.index(path) + 1:]
+            self.log(f"checkpoint {path} is damaged: {problem}; "
+                     + (f"falling back to {older[0]}" if older else "no older one to fall back to"))
+        if candidates:
+            raise UserError(f"every checkpoint under '{self.ckpt_root}' is damaged (see above), so there is nothing to "
+                            "resume; start over with train.resume=overwrite or in a new train.run_dir.")
+        return build_engine(cfg, self.dims, self.device, 0), None, {"step": 0, "consumed_samples": 0, "tokens": 0}
 
     @property
     def model(self) -> torch.nn.Module:
@@ -138,11 +177,36 @@ class Trainer:
         gbs = self.cfg.data.global_batch_size
         return self.engine.evaluate(self.valid_batches(i * gbs) for i in range(self.cfg.train.eval_iters))
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """A checkpoint of this step, or None when the weights are not finite (a checkpoint is never written from
+        them, so the older ones, which retention would thin out, stay the newest)."""
+        if not self.engine.weights_finite():
+            self.log(f"step {self.state['step']}: the weights are not finite; no checkpoint written")
+            return None
         states = {cb.state_key: cb.state_dict() for cb in (*self.callbacks, *self.loop_callbacks) if cb.state_key}
         state = {**self.state, "callbacks": states} if states else dict(self.state)
         return checkpoint.save(self.ckpt_root, self.state["step"], self.engine.save_state, state, self.config_yaml,
                                self.cfg.checkpoint.keep)
+
+    def newest_checkpoint(self) -> Path | None:
+        return checkpoint.find_resume(self.ckpt_root, "auto")
+
+    def rollback(self) -> Path | None:
+        """Reload the newest checkpoint of this run (weights, optimizer, RNG, step) but keep reading the data where
+        it is now, so the batches since that checkpoint are skipped. None when there is none to go back to."""
+        path = self.newest_checkpoint()
+        if path is None:
+            return None
+        position = self.state["consumed_samples"]
+        try:
+            state = checkpoint.load(path, self.engine.load_state)
+        except UserError as e:
+            self.log(f"rollback to {path} failed: {e}")
+            return None
+        state.pop("callbacks", None)  # the callbacks keep their own record, rollbacks included
+        self.state.clear()
+        self.state.update(state, consumed_samples=position)
+        return path
 
     def _restore_callbacks(self) -> None:
         states = self.state.pop("callbacks", {})

@@ -1,14 +1,14 @@
 """The engine interface: how one global batch becomes one optimizer step, for one way of executing it.
 
 The loop (``train/trainer.py``) is the same for every engine. It hands the engine each step's
-micro-batches and reads back two device tensors (the mean token loss and the gradient norm); everything
-between is the engine's:
+micro-batches and reads back two device tensors (the mean token loss and the gradient norm) and ``stepped``
+(whether the weights changed); everything between is the engine's:
 
 * ``forward_backward``: forward and backward of every micro-batch of this rank with gradient accumulation,
   the loss weighted by tokens over the whole global batch, the MoE router losses (through ``self.moe``);
 * ``clip_gradients``: the global gradient norm over every rank and clipping (one routine for every layout,
   ``parallel/grads.py``);
-* ``optimizer_step``; ``evaluate``; ``next_token_logits`` for sampling; ``save_state`` / ``load_state``, the
+* ``optimizer_step``, skipped when that norm is not finite; ``evaluate``; ``next_token_logits`` for sampling; ``save_state`` / ``load_state``, the
   engine's part of a checkpoint (model and optimizer; the loop adds its own state, the RNGs and the config);
 * ``metrics``: what the engine measured, for the log interval.
 
@@ -29,6 +29,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from pretrain.config import RunConfig
@@ -40,7 +41,7 @@ from pretrain.parallel.compile import apply_compile, compile_loss
 from pretrain.parallel.grads import clip_grads_, grad_norm
 from pretrain.parallel.mesh import ParallelDims
 from pretrain.parallel.plan import all_reduce_sum, data_parallel_total, dp_group
-from pretrain.train import checkpoint
+from pretrain.train import checkpoint, faults
 from pretrain.train.engines.loss import lm_loss_sum
 from pretrain.train.optim import build_optimizer, remove_params
 
@@ -68,6 +69,7 @@ class Engine:
         self.grad_scale = float(dims.dp_size)
         self.loss_parallel = cfg.parallel.tp > 1 and cfg.parallel.loss_parallel
         self.loss_sum = lm_loss_sum
+        self.stepped = True  # whether the last step updated the weights (see optimizer_step)
         self.moe: MoEContext | None = None
         if cfg.model.moe.num_experts:
             # The router losses are one mean over the units their balance covers: every micro-batch of the global
@@ -111,10 +113,11 @@ class Engine:
         loss = self.forward_backward(micro_batches, measure)
         if hooks is not None:
             hooks.after_backward()
+        faults.reached("step.after_backward", getattr(hooks, "step", 0))
         norm = self.clip_gradients()
         if hooks is not None:
             hooks.before_optimizer_step()
-        self.optimizer_step()
+        self.stepped = self.optimizer_step(norm)
         return loss, norm
 
     def forward_backward(self, micro_batches: list[MicroBatch], measure: bool = False) -> torch.Tensor:
@@ -134,9 +137,23 @@ class Engine:
         """Ranks that hold other parameters, whose squared norms add to this rank's (pipeline stages)."""
         return None
 
-    def optimizer_step(self) -> None:
-        self.optimizer.step()
+    def optimizer_step(self, grad_norm: torch.Tensor) -> bool:
+        """The optimizer step, unless ``train.skip_nonfinite`` and the gradient norm is NaN or infinite: then the
+        gradients are dropped and weights and optimizer state stay as they were. The norm is the same on every
+        rank (reduced over all of them), so every rank decides alike. Returns whether the step was taken."""
+        finite = not self.cfg.train.skip_nonfinite or bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    def weights_finite(self) -> bool:
+        """Whether every weight on every rank is finite (a collective; checked before each checkpoint)."""
+        flags = [torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in self.model.parameters()]
+        ok = (torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)).to(self.device, torch.float32)
+        if dist.is_initialized():
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
