@@ -5,22 +5,36 @@ code 2; a bug keeps its traceback, says it is one, and exits with code 1."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from pretrain.config import ConfigError, describe, load_config
-from pretrain.errors import UserError
+from pretrain.errors import RankFailure, UserError
 from pretrain.torch_compat import check_torch_version
 
 EXIT_USER_ERROR = 2
+USER_ERROR_MARKER = "user_error"  # RUN_DIR/user_error: the message of a run that stopped on a user mistake
 
 
 def _train(args) -> int:
     from pretrain.train.preemption import EXIT_PREEMPTED
     from pretrain.train.trainer import run_training
 
-    result = run_training(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    marker = Path(cfg.train.run_dir) / USER_ERROR_MARKER
+    with contextlib.suppress(OSError):  # (a run directory that is no directory is named by the trainer)
+        marker.unlink(missing_ok=True)
+    try:
+        result = run_training(cfg)
+    except UserError as e:
+        # The launch scripts read the marker: torchrun itself reports any failed worker with exit code 1.
+        if int(os.environ.get("RANK", "0")) == 0 and marker.parent.is_dir():
+            with contextlib.suppress(OSError):
+                marker.write_text(f"{e}\n")
+        raise
     return EXIT_PREEMPTED if result.get("preempted") else 0
 
 
@@ -67,6 +81,10 @@ def _import(args) -> int:
 
 def _bench(args) -> int:
     from pretrain.bench import run_bench, write_json
+    from pretrain.paths import require_writable_file
+
+    if args.out:  # before the benchmark runs, not after
+        require_writable_file(args.out, "--out")
 
     result = run_bench(load_config(args.config, args.overrides), against=args.against, steps=args.steps,
                        warmup=args.warmup, hf_precision=args.hf_precision, profile_dir=args.profile)
@@ -89,6 +107,11 @@ def _config(args) -> int:
             print(f"{key:<32} {default!r:<24} {doc}")
         return 0
     cfg = load_config(args.config, args.overrides)
+    if args.world_size is not None and args.world_size != cfg.parallel.world_size:
+        p = cfg.parallel
+        raise ConfigError("parallel", f"{args.world_size} process(es) would start, but the layout needs "
+                          f"{p.world_size} (dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x tp {p.tp} x pp "
+                          f"{p.pp}); start {p.world_size} or change parallel.*.")
     if args.get:  # one value, for scripts (slurm/train.sbatch reads train.run_dir this way)
         value = cfg.to_dict()
         for part in args.get.split("."):
@@ -150,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = with_config(verbs.add_parser("config", help="print the resolved config, or every key with its doc"),
                          optional=True)
     config.add_argument("--get", metavar="KEY", help="print only this key's value (e.g. train.run_dir)")
+    config.add_argument("--world-size", type=int, metavar="N",
+                        help="also check that the layout needs exactly N processes (the launch scripts do)")
     config.set_defaults(fn=_config)
     return parser
 
@@ -171,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             kind = "config error" if isinstance(e, ConfigError) else "error"
             print(f"pretrain: {kind}: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RankFailure as e:
+        print(f"pretrain: {e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # output piped into `head` and friends
         return 0
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pretrain.errors import UserError
 from pretrain.parallel import schedules
+from pretrain.paths import require_writable_file
 
 COLORS = {"F": "#4C78A8", "B": "#E45756", "I": "#F58518", "W": "#54A24B"}
 
@@ -85,10 +86,23 @@ def draw(timeline: schedules.Timeline, title: str, out: Path, show_stage: bool =
     plt.close(fig)
 
 
+def _check_image_path(out: Path) -> None:
+    """The format from the suffix, and a writable place, checked before anything is computed."""
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if out.suffix.lower().lstrip(".") not in formats:
+        raise UserError(f"--out '{out}': matplotlib cannot write '{out.suffix or 'no suffix'}' images; use one of "
+                        f"{', '.join('.' + f for f in sorted(formats))} (e.g. .png).")
+    require_writable_file(out, "--out")
+
+
 def run_schedule_tool(schedule: str, pp: int, microbatches: int, virtual: int | None, costs: str | None,
                       from_run: str | None, out: str | None, log=print) -> schedules.Timeline:
     if pp < 2:
         raise UserError(f"--pp {pp}: a pipeline has at least 2 ranks.")
+    if out:
+        _check_image_path(Path(out))
     if virtual is None:
         virtual = 2 if schedule not in schedules.ONE_STAGE_PER_RANK else 1
     cost = measured_costs(Path(from_run)) if from_run else parse_costs(costs or "1,1,1")

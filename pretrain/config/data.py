@@ -4,16 +4,31 @@ sentencepiece tokenizer trained from the sources."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pretrain.config.fields import option, require, require_all
+
+# What `type: auto` reads by suffix (after a compression suffix, which `datasets` undoes).
+SUFFIX_TYPES = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
+                ".parquet": "parquet"}
+COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+
+
+def suffix_type(path: str) -> str | None:
+    """The reader `type: auto` picks for ``path`` (a file or a glob), or None when its suffix says nothing."""
+    suffixes = Path(path.rstrip("*")).suffixes
+    while suffixes and suffixes[-1].lower() in COMPRESSION:
+        suffixes.pop()
+    return SUFFIX_TYPES.get(suffixes[-1].lower()) if suffixes else None
 
 
 @dataclass(frozen=True)
 class SourceConfig:
     path: str = option("", "Local file or glob (.txt/.jsonl/.json/.parquet), or a Hugging Face hub dataset name.")
     type: Literal["auto", "text", "json", "parquet", "hub"] = option(
-        "auto", "How to read `path`: auto picks from the file suffix, hub loads a hub dataset by name.")
+        "auto", "How to read `path`: auto picks from the file suffix (never the network); hub loads a Hugging Face "
+        "hub dataset by name.")
     text_field: str = option("text", "Column holding the document text (json, parquet, hub).")
     split: str = option("train", "Dataset split to read (`datasets` split syntax, e.g. train[:10%]).")
     name: str = option("", "Hub dataset configuration name, if it has several.")
@@ -59,6 +74,10 @@ class DataConfig:
         require(ok, "data.split", f"got {self.split!r}; give three weights train,valid,test such as '98,2,0'.")
         for i, s in enumerate(self.sources):
             require(bool(s.path), f"data.sources[{i}].path", "is required: a file, a glob or a hub dataset name.")
+            require(s.type != "auto" or suffix_type(s.path) is not None, f"data.sources[{i}].type",
+                    f"the suffix of '{s.path}' says nothing pretrain reads (.txt, .md, .jsonl, .json, .parquet, also "
+                    "compressed): set type to text, json or parquet for a local file, or to hub to load a Hugging "
+                    "Face hub dataset of that name (over the network).")
         for i, b in enumerate(self.blend):
             require(bool(b.path), f"data.blend[{i}].path", "is required: an IndexedDataset prefix.")
             require(b.weight > 0, f"data.blend[{i}].weight", f"must be positive, got {b.weight}.")

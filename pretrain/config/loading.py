@@ -16,15 +16,44 @@ import yaml
 from pretrain.config.fields import ConfigError
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"key '{key}' appears twice in one section (lines {seen[key]} and "
+                                    f"{key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError("", f"'{path}' is a directory; pass the path of a YAML run config, e.g. "
+                              "configs/quickstart.yaml.")
     if not path.is_file():
         raise ConfigError("", f"config file '{path}' does not exist; pass the path of a YAML run "
                               "config, e.g. configs/quickstart.yaml.")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
+    except _DuplicateKey as e:
+        raise ConfigError("", f"'{path}': {e}.") from None
     except yaml.YAMLError as e:
         raise ConfigError("", f"'{path}' is not valid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"'{path}' is not a text file; pass the path of a YAML run config.") from None
     if not isinstance(raw, dict):
         raise ConfigError("", f"'{path}' must hold a mapping of sections (model:, data:, ...).")
     return raw
@@ -47,11 +76,15 @@ def apply_override(root: type, raw: dict, item: str) -> None:
             raise ConfigError(dotted, _unknown(part, names))
         if i == len(parts) - 1:
             try:
-                node[part] = yaml.safe_load(text) if text.strip() else ""
+                node[part] = parse_yaml(text) if text.strip() else ""
+            except _DuplicateKey as e:
+                raise ConfigError(dotted, f"{e}.") from None
             except yaml.YAMLError:
                 node[part] = text
         else:
             cls = typing.get_type_hints(cls)[part]
+            if not dataclasses.is_dataclass(cls):
+                raise ConfigError(dotted, f"is a value, not a section: write {dotted}=VALUE.")
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(dotted, "is not a mapping in the YAML file.")

@@ -28,6 +28,9 @@ class ParallelConfig:
     loss_parallel: bool = option(True, "With tp > 1: vocab-parallel cross-entropy; the full logits are never gathered.")
     reshard_after_forward: bool = option(True, "FSDP2: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2).")
     param_dtype: Literal["fp32", "bf16"] = option("fp32", "FSDP2 mixed precision: dtype of gathered parameters (reduction is fp32).")
+    collective_timeout_s: int = option(
+        600, "Seconds a collective may wait for the other ranks before the run stops naming the rank, step and phase "
+        "(a rank that stopped or died); the wait for rank 0 to prepare the data is not bounded.")
 
     @property
     def world_size(self) -> int:
@@ -41,7 +44,8 @@ class ParallelConfig:
     def check(self) -> None:
         require_all([("parallel.dp_replicate", self.dp_replicate), ("parallel.dp_shard", self.dp_shard),
                      ("parallel.tp", self.tp), ("parallel.ep", self.ep), ("parallel.pp", self.pp),
-                     ("parallel.pp_virtual", self.pp_virtual)], 1, "at least 1")
+                     ("parallel.pp_virtual", self.pp_virtual),
+                     ("parallel.collective_timeout_s", self.collective_timeout_s)], 1, "at least 1")
         require(self.dp_shard % self.ep == 0, "parallel.ep",
                 f"expert parallelism borrows ranks from dp_shard: ep {self.ep} must divide dp_shard {self.dp_shard}.")
 

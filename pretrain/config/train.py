@@ -56,6 +56,12 @@ class TrainConfig:
     signal_check_interval: int = option(
         5, "Multi-process runs: steps between the checks (one tiny all-reduce) whether any rank got SIGTERM/SIGUSR1; "
         "a single process checks every step at no cost.")
+    preflight: bool = option(True, "Before allocating, stop a run whose memory cannot fit (a floor estimate against "
+                             "the memory available) with the estimate and the keys to change.")
+    watchdog_factor: float = option(
+        10.0, "Report (rank, step, phase) when a step or a phase takes this many times the recent steps' median and at "
+        "least watchdog_min_s; 0 = off.")
+    watchdog_min_s: float = option(60.0, "The least time before the watchdog reports a slow step or phase.")
     skip_nonfinite: bool = option(
         True, "Skip the optimizer step (weights and optimizer state untouched) when the gradient norm is NaN or "
         "infinite; costs one host read of a flag per step.")

@@ -21,6 +21,7 @@ AdamW state, resolved config.yaml) that training resumes from under any layout a
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -33,6 +34,7 @@ from pretrain.config import ModelConfig, RunConfig, load_config
 from pretrain.convert import custom, llama, mixtral, qwen2_moe
 from pretrain.errors import UserError
 from pretrain.models.block import is_moe_block, placement
+from pretrain.paths import require_writable_dir
 from pretrain.train import checkpoint
 
 EXPORTERS = {"llama": llama.export, "mixtral": mixtral.export, "qwen2_moe": qwen2_moe.export}
@@ -100,8 +102,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, keep_s
             premerge(model)
             config, tensors = (custom.export(cfg, model, keep_structured=False) if kind == "custom"
                                else EXPORTERS[kind](cfg, model))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = require_writable_dir(out_dir, "the export's output directory")
     # Copies: tied or sliced tensors share storage, which safetensors refuses to write.
     save_file({name: t.detach().clone().contiguous() for name, t in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
@@ -144,12 +145,19 @@ def import_checkpoint(hf_dir: str | Path, out_checkpoint: str | Path) -> Path:
         raise UserError(f"'{hf_dir}' has no config.json: pass a Hugging Face model directory (save_pretrained).")
     if checkpoint.complete_checkpoints(out):
         raise UserError(f"'{out}' already holds a checkpoint; import into a new directory.")
+    try:  # read as plain JSON first: nothing in the directory (custom code, auto_map) is ever run
+        model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type")
+    except (ValueError, AttributeError) as e:
+        raise UserError(f"'{hf_dir / 'config.json'}' is not a JSON object ({e}); pass a Hugging Face model "
+                        "directory written by save_pretrained.") from None
+    if model_type not in IMPORTERS:
+        raise UserError(f"cannot import model_type '{model_type}': supported are {', '.join(IMPORTERS)}. Import never "
+                        "runs a model's own code.")
+    require_writable_dir(out, "the import's output directory")
     _require_transformers()
     from transformers import AutoConfig
 
-    hf = AutoConfig.from_pretrained(hf_dir)
-    if hf.model_type not in IMPORTERS:
-        raise UserError(f"cannot import model_type '{hf.model_type}': supported are {', '.join(IMPORTERS)}.")
+    hf = AutoConfig.from_pretrained(hf_dir, trust_remote_code=False)
     tensors = _read_safetensors(hf_dir)
     try:
         model_cfg, state = IMPORTERS[hf.model_type](hf, tensors)

@@ -19,11 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pretrain.config import DataConfig, SourceConfig
+from pretrain.config.data import COMPRESSION, suffix_type
 from pretrain.errors import UserError
 
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "ensurepip"}
-_SUFFIX_TYPES = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
-                 ".parquet": "parquet"}
 
 
 def embedded_documents() -> Iterator[str]:
@@ -63,12 +62,23 @@ def _module_docstrings(path: Path) -> str:
 
 
 def source_type(src: SourceConfig) -> str:
-    if src.type != "auto":
-        return src.type
-    suffix = Path(src.path.split("*")[0] if src.path.endswith("*") else src.path).suffix.lower()
-    if suffix in _SUFFIX_TYPES:
-        return _SUFFIX_TYPES[suffix]
-    return "hub"
+    """The reader of a source: its ``type``, or for ``auto`` the one its suffix names (never the hub)."""
+    return src.type if src.type != "auto" else suffix_type(src.path)
+
+
+def _check_text_file(path: str) -> None:
+    """An empty or non-UTF-8 text file, named before `datasets` fails on it without saying why."""
+    if os.path.getsize(path) == 0:
+        raise UserError(f"data source file '{path}' is empty; remove it from data.sources or fill it.")
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    if not path.endswith(COMPRESSION):
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.start < len(head) - 4:  # not just a character cut at the end of the sample
+                raise UserError(f"data source file '{path}' is not UTF-8 text (byte {e.start} is 0x{head[e.start]:02x}); "
+                                "convert it to UTF-8 (e.g. iconv) first.") from None
 
 
 def source_documents(src: SourceConfig) -> Iterator[str]:
@@ -88,6 +98,9 @@ def source_documents(src: SourceConfig) -> Iterator[str]:
         if not files:
             raise UserError(f"data source '{src.path}' matches no file; fix data.sources[].path "
                             "(a file or a glob relative to where you run pretrain).")
+        if kind == "text":
+            for file in files:
+                _check_text_file(file)
         try:
             ds = load_dataset(kind, data_files=files, split=src.split)
         except Exception as e:  # noqa: BLE001

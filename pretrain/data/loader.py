@@ -100,7 +100,11 @@ def build_datasets(cfg: RunConfig, blend: list[tuple[str, float]], tokenizer, ca
 class GlobalBatches:
     """Micro-batches of one data-parallel rank for the global batch starting at a sample position."""
 
-    def __init__(self, dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                 vocab_size: int | None = None):
+        """``vocab_size``: every token id must be below it (checked on the host, per micro-batch: an id beyond the
+        embedding would fail on a CPU and crash a GPU kernel)."""
+        self.vocab_size = vocab_size
         per_rank = global_batch_size // dp_size
         if per_rank * dp_size != global_batch_size or per_rank % micro_batch_size:
             raise UserError(f"data.global_batch_size {global_batch_size} must split into {dp_size} data-parallel "
@@ -115,8 +119,16 @@ class GlobalBatches:
     def _collate(self, indices: range) -> MicroBatch:
         n = len(self.dataset)
         samples = [self.dataset[i % n] for i in indices]
-        return MicroBatch(torch.stack([s["tokens"] for s in samples]), torch.stack([s["labels"] for s in samples]),
-                          torch.stack([s["loss_mask"] for s in samples]).float())
+        batch = MicroBatch(torch.stack([s["tokens"] for s in samples]), torch.stack([s["labels"] for s in samples]),
+                           torch.stack([s["loss_mask"] for s in samples]).float())
+        if self.vocab_size is not None:
+            largest = int(torch.maximum(batch.tokens.max(), batch.labels.max()))
+            if largest >= self.vocab_size:
+                raise UserError(f"the data holds token id {largest} (samples {indices.start}-{indices.stop - 1}), but "
+                                f"model.vocab_size is {self.vocab_size}: the data was made with a larger tokenizer. Set "
+                                f"model.vocab_size to at least {largest + 1}, or point tokenizer.path at the tokenizer "
+                                "that made the data.")
+        return batch
 
 
 class PrefetchedBatches:

@@ -8,14 +8,15 @@ from pretrain.config import RunConfig
 from pretrain.data import corpus
 from pretrain.data.preprocess import is_current, preprocess
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+from pretrain.paths import require_writable_dir
 
 
 def ensure_tokenizer(cfg: RunConfig, log=print) -> Tokenizer | None:
     """Load the tokenizer, training it first when the model file is missing. With ``data.blend`` (already
     tokenized data) there is no text to train on: the tokenizer is optional and model.vocab_size required."""
     path = Path(cfg.tokenizer.path)
-    if path.is_file():
-        return Tokenizer(path)
+    if path.exists():
+        return Tokenizer(path)  # (a directory or a file that is no model: named there)
     if cfg.data.blend:
         return None
     log(f"training a {cfg.tokenizer.vocab_size}-piece {cfg.tokenizer.type} tokenizer -> {path}")
@@ -27,6 +28,7 @@ def ensure_data(cfg: RunConfig, tokenizer: Tokenizer | None, log=print) -> list[
     if cfg.data.blend:
         return [(b.path, b.weight) for b in cfg.data.blend]
     assert tokenizer is not None
+    require_writable_dir(Path(cfg.data.prefix).parent, "the directory of data.prefix")
     fp = corpus.fingerprint(cfg.data)
     if not is_current(cfg.data.prefix, fp, tokenizer):
         what = "the embedded corpus" if not cfg.data.sources else f"{len(cfg.data.sources)} source(s)"

@@ -50,6 +50,13 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.cat(out, dim=-2)
 
 
+def uses_blocked_kernel(kernel: str, device: torch.device, precision: str, compiled: bool) -> bool:
+    """Whether ``kernel`` resolves to the blocked kernel for a run on ``device`` (``causal_attention``'s rule)."""
+    if kernel != "auto":
+        return kernel == "blocked"
+    return device.type == "cpu" and (precision == "bf16" or compiled)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
     """Exact causal attention through ``kernel``: "sdpa", "blocked" (``blocked_causal_attention``) or "auto",
     the faster of the two. On a CPU that is the blocked one in bf16 and under torch.compile: at 8 x 512 tokens

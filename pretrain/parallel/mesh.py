@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,13 @@ from pretrain.torch_compat import flatten_mesh
 
 # We slice flattened dims (dp, dp_shard) from the root mesh as torchtitan does; torch announces a future change.
 warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
+
+
+def unbounded_barrier() -> None:
+    """A barrier without the collective timeout, for waits whose length is the work of one rank (rank 0 training
+    the tokenizer and preprocessing the corpus while the others wait)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(group=dist.new_group(backend="gloo", timeout=timedelta(days=7)))
 
 
 @dataclass
@@ -68,7 +76,7 @@ def setup(pcfg: ParallelConfig, device: torch.device) -> tuple[ParallelDims, tor
         return dims, device
     device = devices.set_local_device(device, local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(devices.backend(device))
+        dist.init_process_group(devices.backend(device), timeout=timedelta(seconds=pcfg.collective_timeout_s))
     shard_mod_ep = pcfg.dp_shard // pcfg.ep
     mesh = init_device_mesh(device.type, (pcfg.pp, pcfg.dp_replicate, shard_mod_ep, pcfg.ep, pcfg.tp),
                             mesh_dim_names=("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp"))

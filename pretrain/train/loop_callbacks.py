@@ -72,6 +72,7 @@ class Evaluator(Callback):
     def on_step_end(self, trainer: Trainer, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         interval = trainer.cfg.train.eval_interval
         if (interval and step % interval == 0) or step == trainer.last_step:
+            trainer.enter(f"validation after step {step}")
             self.last = trainer.evaluate()
             if self.last is not None:
                 trainer.metrics.log({"step": step, "val_loss": self.last, "tokens": trainer.state["tokens"]})
@@ -88,6 +89,7 @@ class Checkpointer(Callback):
     def on_step_end(self, trainer: Trainer, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         interval = trainer.cfg.checkpoint.interval
         if (interval and step % interval == 0) or trainer.is_final_step:
+            trainer.enter(f"the checkpoint of step {step}")
             path = trainer.save_checkpoint()
             if path is not None:
                 self.last = path

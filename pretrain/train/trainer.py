@@ -20,10 +20,11 @@ from pretrain import device as devices
 from pretrain.config import RunConfig, resolve
 from pretrain.data.loader import GlobalBatches, MicroBatch, build_datasets, read_ahead
 from pretrain.data.prepare import ensure_data, ensure_tokenizer
-from pretrain.errors import UserError
+from pretrain.errors import RankFailure, UserError
 from pretrain.generate import generate
 from pretrain.models.transformer import flops_per_token, num_params
 from pretrain.parallel import mesh
+from pretrain.paths import require_writable_dir
 from pretrain.torch_compat import check_torch_version
 from pretrain.train import checkpoint
 from pretrain.train.callbacks import Callback, method_callbacks
@@ -33,6 +34,8 @@ from pretrain.train.metrics import MetricsLogger, format_duration
 from pretrain.train.numerics import NonFiniteGuard
 from pretrain.train.optim import lr_at
 from pretrain.train.preemption import StopOnSignal
+from pretrain.train.preflight import check_memory
+from pretrain.train.watchdog import Watchdog, is_collective_timeout
 
 
 class _Hooks:
@@ -59,20 +62,21 @@ class Trainer:
         devices.retain_host_memory(self.device)
         self.rank = self.dims.rank
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
-        self.run_dir = Path(cfg.train.run_dir)
+        self.run_dir = require_writable_dir(cfg.train.run_dir, "train.run_dir")
         self.ckpt_root = self.run_dir / "checkpoints"
         torch.manual_seed(cfg.train.seed)
 
         if self.rank == 0:  # one rank builds the tokenizer and the data; the others then find them
             ensure_data(cfg, ensure_tokenizer(cfg, self.log), self.log)
-        if self.dims.is_parallel:
-            dist.barrier()
+        mesh.unbounded_barrier()
         self.tokenizer = ensure_tokenizer(cfg, self.log)
         blend = ensure_data(cfg, self.tokenizer, self.log)
         self.cfg = cfg = resolve(cfg, self.tokenizer.vocab_size if self.tokenizer is not None else None)
         self.config_yaml = cfg.to_yaml()
 
         d, tr = cfg.data, cfg.train
+        if tr.preflight:
+            check_memory(cfg, self.device)
         if self.rank == 0:
             checkpoint.prepare_run_dir(self.run_dir, tr.resume)
         if self.dims.is_parallel:
@@ -84,13 +88,17 @@ class Trainer:
         train_ds, valid_ds = build_datasets(cfg, blend, self.tokenizer, self.run_dir / "data_index",
                                             tr.max_steps * d.global_batch_size, valid_samples)
         dp = (self.dims.dp_rank, self.dims.dp_size)
-        self.train_batches = read_ahead(GlobalBatches(train_ds, d.global_batch_size, d.micro_batch_size, *dp),
+        vocab = cfg.model.vocab_size
+        self.train_batches = read_ahead(GlobalBatches(train_ds, d.global_batch_size, d.micro_batch_size, *dp, vocab),
                                         d.prefetch, pin=self.device.type == "cuda")
-        self.valid_batches = GlobalBatches(valid_ds, d.global_batch_size, d.micro_batch_size, *dp) if valid_ds else None
+        self.valid_batches = (GlobalBatches(valid_ds, d.global_batch_size, d.micro_batch_size, *dp, vocab)
+                              if valid_ds else None)
 
         self.stop_on_signal = StopOnSignal(tr.signal_check_interval)
         guard = [NonFiniteGuard(tr.max_nonfinite_steps, tr.nonfinite_rollback)] if tr.skip_nonfinite else []
-        self.callbacks: list[Callback] = [self.stop_on_signal, *guard, *method_callbacks(cfg)]
+        watchdog = [Watchdog(tr.watchdog_factor, tr.watchdog_min_s)] if tr.watchdog_factor else []
+        self.callbacks: list[Callback] = [self.stop_on_signal, *guard, *watchdog, *method_callbacks(cfg)]
+        self.phase, self.phase_started = "setup", time.perf_counter()
         self.progress, self.evaluator, self.checkpointer = ProgressLogger(), Evaluator(), Checkpointer()
         self.loop_callbacks: list[Callback] = ([Profiler()] if tr.profile else []) + [
             self.progress, self.evaluator, self.checkpointer]
@@ -102,7 +110,6 @@ class Trainer:
         # Only now that the run stands (a failed resume changes no file): its config, and its metrics from the step
         # it starts at (records of steps no checkpoint kept, from an attempt that died, are logged again).
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
                                      start_step=self.state["step"])
@@ -154,6 +161,10 @@ class Trainer:
     def is_final_step(self) -> bool:
         """Whether the step that just ran is the run's last (the schedule's end, or a stop was requested)."""
         return self.state["step"] == self.last_step or self.stop_requested
+
+    def enter(self, phase: str) -> None:
+        """Say what the loop does now (the watchdog and a collective timeout name it)."""
+        self.phase, self.phase_started = phase, time.perf_counter()
 
     def request_stop(self) -> None:
         """End the run after the current step (its checkpoint is written)."""
@@ -228,6 +239,7 @@ class Trainer:
         try:
             while st["step"] < self.last_step and not self.stop_requested:
                 st["step"] += 1
+                self.enter(f"step {st['step']}")
                 self.engine.set_lr(lr_at(st["step"], cfg.optim, self.total_steps))
                 self.callbacks_call("on_step_start", st["step"])
                 loss, grad_norm = self.train_step(self.train_batches(st["consumed_samples"]))
@@ -237,6 +249,13 @@ class Trainer:
         except BaseException as error:
             self.callbacks_call("on_error", error)
             self.metrics.close()
+            if is_collective_timeout(error):
+                newest = self.newest_checkpoint()
+                raise RankFailure(
+                    f"rank {self.rank}: a collective did not complete within parallel.collective_timeout_s="
+                    f"{cfg.parallel.collective_timeout_s} s during {self.phase}: another rank stopped or died (its "
+                    f"log says why). {f'The newest checkpoint, {newest}, resumes the run' if newest else 'No checkpoint yet'}"
+                    " (train.resume=auto).") from error
             raise
         self.callbacks_call("on_run_end")
         self.metrics.close()

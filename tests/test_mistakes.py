@@ -1,0 +1,170 @@
+"""A catalogue of user mistakes across the verbs: each exits with code 2 and one message that names the key, file or
+option and the fix, with no traceback, and changes no file that was there before."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.cli import main
+from tests.conftest import REPO, TINY
+
+
+@pytest.fixture
+def world(tmp_path, shared_cache, tiny_cfg):
+    """A scratch directory with a finished tiny run and every kind of bad input the catalogue points at."""
+    from pretrain.train.trainer import run_training
+
+    cfg = tiny_cfg("train.max_steps=2", "train.eval_interval=0")
+    run_training(cfg, log=lambda *a, **k: None)
+    w = tmp_path / "w"
+    w.mkdir()
+    (w / "afile").write_text("x")
+    (w / "tokdir").mkdir()
+    (w / "garbage.model").write_text("not a model")
+    (w / "empty.txt").write_text("")
+    (w / "latin1.txt").write_bytes("caf\xe9 na\xefve ".encode("latin-1") * 100)
+    (w / "data.csv").write_text("a,b\n1,2\n")
+    (w / "bad.yaml").write_text("train: [max_steps: 3\n")
+    (w / "list.yaml").write_text("- 1\n- 2\n")
+    (w / "dup.yaml").write_text("train:\n  max_steps: 3\n  max_steps: 4\n")
+    (w / "hf_nojson").mkdir()
+    (w / "hf_badjson").mkdir()
+    (w / "hf_badjson" / "config.json").write_text("{not json")
+    (w / "hf_gpt2").mkdir()
+    (w / "hf_gpt2" / "config.json").write_text('{"model_type": "gpt2"}')
+    (w / "hf_remote").mkdir()
+    (w / "hf_remote" / "config.json").write_text('{"model_type": "evil", "auto_map": {"AutoConfig": "evil.Cfg"}}')
+    (w / "hf_remote" / "evil.py").write_text(f"open('{w}/PWNED', 'w').write('x')\n")
+    big_ids = w / "big_ids"
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{big_ids}.bin", dtype=DType.optimal_dtype(70000))
+    for _ in range(40):
+        builder.add_item(torch.from_numpy(np.random.default_rng(0).integers(0, 70000, 200)))
+        builder.end_document()
+    builder.finalize(f"{big_ids}.idx")
+    return cfg, w, Path(cfg.train.run_dir)
+
+
+def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
+    """(what, argv, a fragment the message must hold)."""
+    tiny = [*TINY, f"tokenizer.path={cfg.tokenizer.path}", f"data.prefix={cfg.data.prefix}"]
+    train = ["train", "configs/quickstart.yaml", *tiny]
+    fresh = [f"train.run_dir={w}/fresh"]
+    return [
+        ("config file missing", ["train", f"{w}/nope.yaml"], "does not exist"),
+        ("config path is a directory", ["train", str(w)], "is a directory"),
+        ("malformed YAML", ["train", f"{w}/bad.yaml"], "not valid YAML"),
+        ("YAML that is not a mapping", ["train", f"{w}/list.yaml"], "mapping of sections"),
+        ("duplicate key", ["config", f"{w}/dup.yaml"], "appears twice"),
+        ("unknown section", [*train, "trian.max_steps=3"], "Did you mean 'train'"),
+        ("unknown key", [*train, "optim.lrr=1e-3"], "Did you mean 'lr'"),
+        ("override without =", [*train, "train.max_steps"], "section.key=value"),
+        ("override below a key", [*train, "train.max_steps.x=1"], "is a value, not a section"),
+        ("integer expected", [*train, "train.max_steps=ten"], "must be an integer"),
+        ("boolean expected", [*train, "train.compile=maybe"], "true or false"),
+        ("choice not allowed", [*train, "train.precision=fp8"], "allowed: fp32, bf16"),
+        ("infinite learning rate", [*train, "optim.lr=.inf"], "finite number"),
+        ("absurd learning rate", [*train, "optim.lr=1e6"], "typical values"),
+        ("negative epsilon", [*train, "optim.eps=-1e-8"], "optim.eps"),
+        ("NaN init std", [*train, "model.init_std=.nan"], "model.init_std"),
+        ("batch not a multiple", [*train, "data.global_batch_size=10"], "multiple of micro_batch_size"),
+        ("heads do not divide width", [*train, "model.num_heads=5"], "not divisible by num_heads"),
+        ("kv heads do not divide heads", [*train, "model.num_kv_heads=3"], "multiple of num_kv_heads"),
+        ("tp does not divide heads", [*train, "parallel.tp=3", "model.num_kv_heads=0"], "parallel.tp 3"),
+        ("expert parallelism without experts", [*train, "parallel.dp_shard=2", "parallel.ep=2"], "needs an MoE"),
+        ("ep does not divide experts", [*train, "model.moe.num_experts=3", "parallel.dp_shard=2", "parallel.ep=2"],
+         "num_experts (3)"),
+        ("more stages than blocks", [*train, "parallel.pp=4"], "at least as many blocks"),
+        ("bad pipeline layout", [*train, "parallel.pp=2", "parallel.pp_layout=[1,5]"], "parallel.pp_layout"),
+        ("schedule needs more microbatches", [*train, "model.num_layers=4", "parallel.pp=2", "data.global_batch_size=4",
+                                              "parallel.pp_schedule=dualpipev", "parallel.pp_virtual=2"],
+         "parallel.pp_schedule"),
+        ("compile with tensor parallelism", [*train, "parallel.tp=2", "train.compile=true"], "train.compile"),
+        ("source suffix pretrain does not read", [*train, f"data.sources=[{{path: {w}/data.csv}}]"],
+         "data.sources[0].type"),
+        ("sources and blend together", [*train, "data.sources=[{path: a.txt}]", "data.blend=[{path: b}]"],
+         "not both"),
+        ("bad split", [*train, "data.split=90,10"], "three weights"),
+        ("low-rank without rank", [*train, "model.ffn.kind=lowrank"], "model.ffn.rank"),
+        ("self-guided on a dense FFN", [*train, "model.ffn.self_guided.enabled=true"], "guides a structured FFN"),
+        ("world size differs from the layout", [*train, *fresh, "parallel.dp_shard=2"],
+         "1 process(es) were started but the parallel layout needs 2"),
+        ("run directory is a file", [*train, f"train.run_dir={w}/afile"], "train.run_dir"),
+        ("tokenizer path is a directory", [*train, f"tokenizer.path={w}/tokdir", *fresh], "is a directory"),
+        ("tokenizer file is garbage", [*train, f"tokenizer.path={w}/garbage.model", *fresh],
+         "is not a sentencepiece model"),
+        ("empty text file", [*train, f"data.sources=[{{path: {w}/empty.txt}}]", f"tokenizer.path={w}/t1.model",
+                             f"data.prefix={w}/c1", *fresh], "is empty"),
+        ("text file not UTF-8", [*train, f"data.sources=[{{path: {w}/latin1.txt}}]", f"tokenizer.path={w}/t2.model",
+                                 f"data.prefix={w}/c2", *fresh], "not UTF-8"),
+        ("glob matching nothing", [*train, f"data.sources=[{{path: '{w}/none*.txt'}}]",
+                                   f"tokenizer.path={w}/t3.model", f"data.prefix={w}/c3", *fresh], "matches no file"),
+        ("ids beyond the vocabulary", [*train, f"data.blend=[{{path: {w}/big_ids}}]", "model.vocab_size=640",
+                                       "data.split=100,0,0", *fresh], "token id"),
+        ("sequence too long for memory", [*train, "data.seq_len=2000000", *fresh], "train.preflight=false"),
+        ("new run over an old one", [*train, f"train.run_dir={run}", "train.resume=never"], "train.resume=overwrite"),
+        ("resume from a path that is no checkpoint", [*train, *fresh, f"train.resume={w}"],
+         "not a complete checkpoint"),
+        ("export of no checkpoint", ["export", str(w), f"{w}/hf"], "neither a complete checkpoint"),
+        ("export into a file", ["export", str(run), f"{w}/afile"], "is a file"),
+        ("import without config.json", ["import", f"{w}/hf_nojson", f"{w}/imp"], "no config.json"),
+        ("import of bad JSON", ["import", f"{w}/hf_badjson", f"{w}/imp"], "not a JSON object"),
+        ("import of an unsupported model", ["import", f"{w}/hf_gpt2", f"{w}/imp"], "model_type 'gpt2'"),
+        ("import of a model with its own code", ["import", f"{w}/hf_remote", f"{w}/imp"], "never runs"),
+        ("schedule image format", ["schedule", "--out", f"{w}/x.xyz"], "cannot write '.xyz'"),
+        ("schedule with one rank", ["schedule", "--pp", "1"], "--pp 1"),
+        ("bench output unwritable", ["bench", "configs/quickstart.yaml", "--out", f"{w}/afile/x.json"], "--out"),
+        ("bench without a vocabulary size", ["bench", "configs/quickstart.yaml"], "set model.vocab_size"),
+        ("bench of several processes", ["bench", "configs/quickstart.yaml", "model.vocab_size=640",
+                                        "parallel.dp_shard=2"], "runs one process"),
+        ("preprocess of a blend", ["preprocess", "configs/quickstart.yaml", "data.blend=[{path: x}]"],
+         "already preprocessed"),
+    ]
+
+
+def snapshot(*roots: Path) -> dict[str, tuple]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for root in roots for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_every_mistake_exits_2_with_the_fix_and_changes_nothing(world, capsys, monkeypatch):
+    cfg, w, run = world
+    monkeypatch.chdir(REPO)
+    catalogue = cases(cfg, w, run)
+    assert len(catalogue) >= 40
+    before = snapshot(w, run)
+    failures = []
+    for what, argv, fragment in catalogue:
+        code = main(argv)
+        err = capsys.readouterr().err
+        if code != 2 or fragment not in err or "Traceback" in err or err.count("pretrain: ") != 1:
+            failures.append(f"{what}: exit {code}, stderr {err[-600:]!r}")
+    assert not failures, "\n".join(failures)
+    after = snapshot(w, run)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing that was there changed
+    assert not (w / "PWNED").exists()
+
+
+@pytest.mark.slow
+def test_layout_mistake_under_torchrun_is_said_once(tiny_overrides, tmp_path):
+    """Started by torchrun directly (the launch scripts check before): every rank stops with exit code 2 and only
+    rank 0 says why."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "pretrain", "train", "configs/quickstart.yaml", *tiny_overrides,
+                             "parallel.dp_shard=2", "model.moe.num_experts=3", "parallel.ep=2"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("pretrain: config error: config key 'parallel.ep'") == 1, result.stderr[-3000:]
+    assert "exitcode  : 2" in result.stderr
+    assert json.dumps  # (the run directory is never created for a config error)
+    assert not (tmp_path / "run").exists()
