@@ -94,6 +94,54 @@ def _bench(args) -> int:
     return 0
 
 
+def _grow(args) -> int:
+    if args.plan:
+        return _grow_plan(args)
+    from pretrain.config import MoEConfig
+    from pretrain.growth.offline import GrowthSpec, grow_checkpoint
+
+    if not (args.source and args.destination):
+        raise UserError("pretrain grow needs SRC (a checkpoint or run directory) and DST (a new run directory), or "
+                        "--plan.")
+    layers = None
+    if args.layers:
+        try:
+            layers = [None if x.strip() in ("new", "-") else int(x) for x in args.layers.split(",")]
+        except ValueError:
+            raise UserError(f"--layers {args.layers}: give one source block index (or 'new') per target block, "
+                            "comma separated, e.g. 0,1,new,2.") from None
+    moe = None
+    if args.op == "upcycle":
+        if not args.experts:
+            raise UserError("--op upcycle needs --experts E (and optionally --top-k, --router).")
+        moe = MoEConfig(num_experts=args.experts, top_k=args.top_k, router=args.router)
+    spec = GrowthSpec(args.op, factor=args.factor, num_layers=args.num_layers, layers=layers,
+                      hidden_factor=args.hidden_factor, ffn_size=args.ffn_size, moe=moe)
+    path = grow_checkpoint(args.source, args.destination, spec, target_config=args.config,
+                           carry_optimizer=args.carry_optimizer)
+    print(f"continue with: pretrain train {Path(args.destination) / 'config.yaml'}   (resumes from {path.name})")
+    return 0
+
+
+def _grow_plan(args) -> int:
+    from pretrain.growth.plan import format_plan, growth_plan
+
+    params, tokens, per_step = args.target_params, args.tokens, None
+    if args.config:
+        from pretrain.models.transformer import num_params
+
+        cfg = load_config(args.config)
+        if cfg.model.vocab_size == 0:
+            cfg = cfg.replace(model={"vocab_size": cfg.tokenizer.vocab_size})  # the tokenizer's size, unpadded
+        params = params or num_params(cfg.model)
+        per_step = cfg.data.tokens_per_step
+        tokens = tokens or cfg.train.max_steps * per_step
+    if not params or not tokens:
+        raise UserError("--plan needs --target-params and --tokens, or a CONFIG of the target run to take them from.")
+    print(format_plan(growth_plan(params, tokens, per_step, args.factor or 4)))
+    return 0
+
+
 def _schedule(args) -> int:
     from pretrain.schedule_tool import run_schedule_tool
 
@@ -159,6 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", metavar="DIR", help="after timing, profile 2 more steps of each variant: "
                        "a trace per variant in DIR and where the time went (GPU kernels, CPU operators)")
     bench.set_defaults(fn=_bench)
+    grow = verbs.add_parser("grow", help="grow a checkpoint into a larger model (depth, width, experts), or plan when")
+    grow.add_argument("source", nargs="?", help="checkpoint (step_NNNNNNN) or run directory to grow")
+    grow.add_argument("destination", nargs="?", help="new run directory for the grown model")
+    from pretrain.growth.offline import OPS
+
+    grow.add_argument("--op", choices=OPS, default="stack", help="stack (G_stack), interpolate, zero, random, width, "
+                      "upcycle (default stack)")
+    grow.add_argument("--factor", type=int, help="depth operators: times the source's blocks (default 4)")
+    grow.add_argument("--num-layers", type=int, help="depth operators: the target's blocks (instead of --factor)")
+    grow.add_argument("--layers", help="depth: the source block of each target block, or 'new', e.g. 0,1,new,2")
+    grow.add_argument("--hidden-factor", type=int, default=1, help="width: hidden size and heads times this")
+    grow.add_argument("--ffn-size", type=int, help="width: the FFN's new inner width")
+    grow.add_argument("--experts", type=int, help="upcycle: experts per MoE layer")
+    grow.add_argument("--top-k", type=int, default=2, help="upcycle: experts per token (default 2)")
+    grow.add_argument("--router", choices=["topk_softmax", "noisy_topk", "hash"], default="topk_softmax",
+                      help="upcycle: router (default topk_softmax)")
+    grow.add_argument("--config", help="the grown run's config (layout, steps, LR...); default: the source's")
+    grow.add_argument("--carry-optimizer", action="store_true",
+                      help="copied tensors keep their AdamW moments (default: a fresh optimizer)")
+    grow.add_argument("--plan", action="store_true", help="print when to grow (the growth-timing rule) instead")
+    grow.add_argument("--target-params", type=float, help="--plan: the target model's parameters")
+    grow.add_argument("--tokens", type=float, help="--plan: the target run's training tokens")
+    grow.set_defaults(fn=_grow)
     from pretrain.parallel.schedules import SCHEDULES
 
     sched = verbs.add_parser("schedule", help="draw a pipeline schedule's timeline; print its bubble and peak activations")

@@ -45,6 +45,7 @@ class ProgressLogger(Callback):
         all_reduce_sum(self.loss_sum, trainer.dims)
         rec = {"step": step, "consumed_samples": trainer.state["consumed_samples"], "loss": float(self.loss_sum) / self.steps,
                "lr": trainer.engine.optimizer.param_groups[0]["lr"], "tokens": trainer.state["tokens"],
+               "flops": trainer.state["flops"],
                "tokens_per_s": tps, "grad_norm": float(grad_norm),
                "mfu": tps * trainer.flops_per_token / (trainer.peak_tflops * 1e12), "step_time_s": elapsed / self.steps}
         for callback in trainer.callbacks:

@@ -106,6 +106,7 @@ class Trainer:
         self.state = state
         self.resumed_from = resume_from
         self.flops_per_token = flops_per_token(cfg.model, d.seq_len)
+        state.setdefault("flops", state["tokens"] * self.flops_per_token)  # (checkpoints that predate the count)
         self.peak_tflops = cfg.logging.peak_tflops or devices.peak_tflops(self.device, tr.precision)
         # Only now that the run stands (a failed resume changes no file): its config, and its metrics from the step
         # it starts at (records of steps no checkpoint kept, from an attempt that died, are logged again).
@@ -147,7 +148,8 @@ class Trainer:
         if candidates:
             raise UserError(f"every checkpoint under '{self.ckpt_root}' is damaged (see above), so there is nothing to "
                             "resume; start over with train.resume=overwrite or in a new train.run_dir.")
-        return build_engine(cfg, self.dims, self.device, 0), None, {"step": 0, "consumed_samples": 0, "tokens": 0}
+        return build_engine(cfg, self.dims, self.device, 0), None, {"step": 0, "consumed_samples": 0, "tokens": 0,
+                                                                    "flops": 0.0}
 
     @property
     def model(self) -> torch.nn.Module:
@@ -217,6 +219,7 @@ class Trainer:
         state.pop("callbacks", None)  # the callbacks keep their own record, rollbacks included
         self.state.clear()
         self.state.update(state, consumed_samples=position)
+        self.state.setdefault("flops", self.state["tokens"] * self.flops_per_token)
         return path
 
     def _restore_callbacks(self) -> None:
@@ -245,6 +248,7 @@ class Trainer:
                 loss, grad_norm = self.train_step(self.train_batches(st["consumed_samples"]))
                 st["consumed_samples"] += cfg.data.global_batch_size
                 st["tokens"] += cfg.data.tokens_per_step
+                st["flops"] += self.flops_per_token * cfg.data.tokens_per_step  # this model's, after earlier stages
                 self.callbacks_call("on_step_end", st["step"], loss, grad_norm)
         except BaseException as error:
             self.callbacks_call("on_error", error)
@@ -274,6 +278,21 @@ class Trainer:
         return prompt + self.tokenizer.decode(new)
 
 
+def compute_by_stage(state: dict, cfg: RunConfig) -> list[str]:
+    """What each stage of a grown run spent (the stages before each growth, then this one); nothing otherwise."""
+    stages = state.get("growth", [])
+    if not stages:
+        return []
+    lines, tokens, flops = ["  compute by stage:"], 0, 0.0
+    for k, record in enumerate(stages):
+        lines.append(f"    stage {k}: {record['params_before'] / 1e6:.2f}M parameters, {record['tokens'] - tokens:,} "
+                     f"tokens, {record['flops_before'] - flops:.3g} FLOPs, then grown by {record['op']}")
+        tokens, flops = record["tokens"], record["flops_before"]
+    lines.append(f"    stage {len(stages)}: {num_params(cfg.model) / 1e6:.2f}M parameters, {state['tokens'] - tokens:,} "
+                 f"tokens, {state['flops'] - flops:.3g} FLOPs (total {state['flops']:.3g} FLOPs)")
+    return lines
+
+
 def run_training(cfg: RunConfig, log=print) -> dict:
     t0 = time.perf_counter()
     trainer = Trainer(cfg, log)
@@ -290,6 +309,8 @@ def run_training(cfg: RunConfig, log=print) -> dict:
             log(f"exported to Hugging Face format -> {export_checkpoint(result['checkpoint'], run_dir / 'hf')}")
         log(f"done in {format_duration(time.perf_counter() - t0)}: step {result['step']}"
             + (f", val_loss {result['val_loss']:.4f}" if result["val_loss"] is not None else ""))
+        for line in compute_by_stage(trainer.state, trainer.cfg):
+            log(line)
         log(f"  checkpoints: {trainer.ckpt_root}/")
         log(f"  metrics:     {run_dir / 'metrics.jsonl'}")
         if cfg.logging.tensorboard:

@@ -1,0 +1,143 @@
+"""``pretrain grow SRC DST``: a checkpoint grown into a new run directory that ``pretrain train`` continues from.
+
+The source may come from any layout (checkpoints are keyed by global names; it is read resharded into one
+process on the CPU, so the host needs the source and the grown weights in memory at once). The grown run starts
+with a fresh AdamW state and LR schedule (step 0) unless ``carry_optimizer``, and reads the data from where the
+small model stopped; its trainer state carries the tokens and FLOPs spent so far and a record of every growth."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from pretrain.config import ModelConfig, MoEConfig, RunConfig, load_config
+from pretrain.errors import UserError
+from pretrain.growth.operators import DEPTH_OPS, Grown, GrowthError, grow_depth, grow_width, upcycle
+from pretrain.models.structured import set_guided_phase
+from pretrain.models.transformer import build_model, flops_per_token, num_params
+from pretrain.paths import require_writable_dir
+from pretrain.train import checkpoint
+from pretrain.train.optim import build_optimizer
+
+OPS = (*DEPTH_OPS, "width", "upcycle")
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowthSpec:
+    """What to grow: ``op`` and its arguments (the CLI's options, or an entry of a run's ``growth:`` list)."""
+
+    op: str
+    factor: int | None = None
+    num_layers: int | None = None
+    layers: list[int | None] | None = None
+    hidden_factor: int = 1
+    ffn_size: int | None = None
+    moe: MoEConfig | None = None
+
+
+def apply(spec: GrowthSpec, state: dict[str, torch.Tensor], cfg: ModelConfig, seed: int) -> Grown:
+    """Run the operator ``spec`` names; a refusal becomes a user error with its reason."""
+    try:
+        if spec.op in DEPTH_OPS:
+            return grow_depth(state, cfg, spec.op, spec.num_layers, spec.factor, spec.layers, seed)
+        if spec.op == "width":
+            return grow_width(state, cfg, spec.hidden_factor, spec.ffn_size, seed)
+        if spec.op == "upcycle":
+            if spec.moe is None:
+                raise GrowthError("upcycling needs the experts: give --experts (and --top-k, --router).")
+            return upcycle(state, cfg, spec.moe, seed)
+    except GrowthError as e:
+        raise UserError(f"cannot grow with {spec.op}: {e}") from None
+    raise UserError(f"unknown growth operator '{spec.op}'; use one of {', '.join(OPS)}.")
+
+
+def grow_checkpoint(source: str | Path, destination: str | Path, spec: GrowthSpec, *,
+                    target_config: str | Path | None = None, carry_optimizer: bool = False,
+                    log=print) -> Path:
+    """Grow the checkpoint ``source`` (or a run directory's newest) into the run directory ``destination``; returns
+    the new checkpoint. ``target_config`` gives the grown run's other sections (layout, steps, LR, ...)."""
+    from pretrain.api import load_model
+
+    step_dir = checkpoint.resolve(Path(source))
+    dst = Path(destination)
+    if checkpoint.complete_checkpoints(dst / "checkpoints"):
+        raise UserError(f"'{dst}' already holds a run; grow into a new directory.")
+    src_cfg = load_config(step_dir / "config.yaml")
+    seed = src_cfg.train.seed
+    state = checkpoint.read_state(step_dir)
+    sg = src_cfg.model.ffn.self_guided
+    if sg.enabled and state["step"] < src_cfg.guided_steps:
+        raise UserError(f"'{step_dir}' is inside its self-guided phase (step {state['step']} of "
+                        f"{src_cfg.guided_steps}), where every structured layer still carries a dense guide; grow "
+                        "before the phase or after it.")
+    model_cfg, weights = src_cfg.model, load_model(step_dir).state_dict()
+    if sg.enabled:  # (after the guided phase: refused within it)
+        model_cfg, weights = _plain_structured(model_cfg, weights)
+    grown = apply(spec, weights, model_cfg, seed)
+    cfg = _target_run_config(src_cfg, grown.cfg, target_config, dst)
+    require_writable_dir(dst, "the growth's destination")
+
+    target = build_model(cfg.model, seed)
+    target.load_state_dict(grown.state, strict=True)
+    optimizer = build_optimizer(target, cfg.optim)
+    if carry_optimizer:
+        _carry_moments(step_dir, src_cfg, grown, target, optimizer, log)
+    fpt = flops_per_token(src_cfg.model, src_cfg.data.seq_len)
+    record = {"op": spec.op, "from": str(step_dir), "at_step": state["step"], "tokens": state["tokens"],
+              "params_before": num_params(src_cfg.model), "params_after": num_params(cfg.model),
+              "flops_before": state.get("flops", state["tokens"] * fpt)}
+    new_state = {"step": 0, "consumed_samples": state["consumed_samples"], "tokens": state["tokens"],
+                 "flops": record["flops_before"], "growth": [*state.get("growth", []), record]}
+    (dst / "config.yaml").write_text(cfg.to_yaml())
+    path = checkpoint.save(dst / "checkpoints", 0, lambda d: checkpoint.save_dcp(d, target, optimizer), new_state,
+                           cfg.to_yaml(), keep=1)
+    log(f"grew {step_dir} ({record['params_before'] / 1e6:.2f}M parameters, {cfg.model.num_layers} blocks now "
+        f"from {src_cfg.model.num_layers}) by {spec.op} -> {path} ({record['params_after'] / 1e6:.2f}M parameters)")
+    return path
+
+
+def _plain_structured(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict]:
+    """A self-guided model past its guided phase as the plain structured model it has become: no wrappers (their
+    names lose ``structured.``), so the grown model trains its structured layers alone."""
+    ffn = dataclasses.replace(cfg.ffn, self_guided=dataclasses.replace(cfg.ffn.self_guided, enabled=False))
+    return dataclasses.replace(cfg, ffn=ffn), {k.replace(".structured.", "."): v for k, v in state.items()
+                                                if not k.endswith(".guide")}
+
+
+def _target_run_config(src: RunConfig, model: ModelConfig, target_config: str | Path | None, dst: Path) -> RunConfig:
+    base = load_config(target_config) if target_config else src
+    if target_config:  # the target config's model section must describe the grown model (its other keys may differ)
+        differ = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size" and
+                  getattr(base.model, f.name) != getattr(model, f.name)]
+        if differ:
+            raise UserError(f"--config {target_config}: its model section differs from the grown model in "
+                            f"{', '.join('model.' + k for k in differ)} (grown: "
+                            f"{', '.join(f'{k}={getattr(model, k)!r}' for k in differ)}); set them so, or leave "
+                            "them out of the target config.")
+    cfg = dataclasses.replace(base, model=model)
+    return cfg.replace(train={"run_dir": str(dst), "resume": "auto"})
+
+
+def _carry_moments(step_dir: Path, src_cfg: RunConfig, grown: Grown, target: torch.nn.Module,
+                   optimizer: torch.optim.Optimizer, log) -> None:
+    """AdamW moments of every copied tensor follow it (scaled as it was); new tensors start at zero."""
+    source = build_model(src_cfg.model, src_cfg.train.seed)
+    sg = src_cfg.model.ffn.self_guided
+    if sg.enabled:
+        set_guided_phase(source, checkpoint.read_state(step_dir)["step"], src_cfg.guided_steps)
+    source_opt = build_optimizer(source, src_cfg.optim)
+    checkpoint.load_dcp(step_dir, source, source_opt, no_dist=True)
+    by_name = {k.replace(".structured.", "."): p for k, p in source.named_parameters()}
+    carried = 0
+    for name, param in target.named_parameters():
+        origin = grown.origin.get(name)
+        if origin is None or by_name.get(origin[0]) not in source_opt.state:
+            continue
+        moments, scale = source_opt.state[by_name[origin[0]]], origin[1]
+        optimizer.state[param] = {"step": moments["step"].clone(),  # (an upcycled expert: the FFN's, per expert)
+                                  "exp_avg": (moments["exp_avg"] * scale).expand_as(param).clone(),
+                                  "exp_avg_sq": (moments["exp_avg_sq"] * scale * scale).expand_as(param).clone()}
+        carried += 1
+    log(f"carried the AdamW moments of {carried} of {len(list(target.parameters()))} tensors")
