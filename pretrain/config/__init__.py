@@ -6,11 +6,13 @@ own rules (``check``) and ``RunConfig.validate`` the rules between sections."""
 
 from pretrain.config.data import BlendEntry, DataConfig, SourceConfig, TokenizerConfig
 from pretrain.config.fields import ConfigError, option, section
+from pretrain.config.growth import GrowthStage
 from pretrain.config.model import FFNConfig, ModelConfig, MoEConfig, SelfGuidedConfig
 from pretrain.config.parallel import ParallelConfig
 from pretrain.config.run import RunConfig, describe, from_dict, load_config, resolve
 from pretrain.config.train import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig
 
-__all__ = ["BlendEntry", "CheckpointConfig", "ConfigError", "DataConfig", "FFNConfig", "LoggingConfig", "ModelConfig",
+__all__ = ["BlendEntry", "CheckpointConfig", "ConfigError", "DataConfig", "FFNConfig", "GrowthStage", "LoggingConfig",
+           "ModelConfig",
            "MoEConfig", "OptimConfig", "ParallelConfig", "RunConfig", "SelfGuidedConfig", "SourceConfig",
            "TokenizerConfig", "TrainConfig", "describe", "from_dict", "load_config", "option", "resolve", "section"]

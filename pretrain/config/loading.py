@@ -131,6 +131,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a mapping of keys, got {value!r}.")
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, f"must be true or false, got {value!r}.")

@@ -18,7 +18,8 @@ import yaml
 
 from pretrain.config import loading
 from pretrain.config.data import DataConfig, TokenizerConfig
-from pretrain.config.fields import section
+from pretrain.config.fields import option, section
+from pretrain.config.growth import GrowthStage, check_growth
 from pretrain.config.model import ModelConfig
 from pretrain.config.parallel import ParallelConfig, check_layout
 from pretrain.config.train import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig
@@ -35,11 +36,13 @@ class RunConfig:
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpointing.")
     logging: LoggingConfig = section(LoggingConfig, "Logging.")
     parallel: ParallelConfig = section(ParallelConfig, "Parallel layout.")
+    growth: list[GrowthStage] = option([], "Stages that grow the model during the run (see pretrain/config/growth.py).")
 
     def validate(self) -> RunConfig:
         for part in (self.model, self.data, self.tokenizer, self.optim, self.train, self.checkpoint, self.parallel):
             part.check()
         check_layout(self)
+        check_growth(self)
         return self
 
     @property

@@ -81,29 +81,32 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def save(root: Path, step: int, write: Callable[[Path], None], trainer_state: dict, config_yaml: str,
-         keep: int) -> Path:
+         keep: int, single_process: bool = False) -> Path:
     """Write a checkpoint atomically on every rank, then drop all but the newest ``keep``. ``write(dir)`` writes
     the model and optimizer state (an engine's ``save_state``, or ``save_dcp`` of a model and optimizer). The size
     and SHA-256 of every file go to ``integrity.json`` (each rank hashes a share). A write that fails (a full
-    disk, a read-only directory) leaves the earlier checkpoints as they were and names the directory."""
+    disk, a read-only directory) leaves the earlier checkpoints as they were and names the directory.
+    ``single_process``: one process writes the whole checkpoint while the others wait elsewhere (no collectives)."""
+    rank = 0 if single_process else _rank()
+    sync = (lambda: None) if single_process else _barrier
     final = root / f"step_{step:07d}"
     tmp = root / f"step_{step:07d}.tmp"
     try:
-        if _rank() == 0:
+        if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier()
+        sync()
         faults.reached("save.begin", step)
         write(tmp)
         faults.reached("save.after_shards", step)
         (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")  # tensors and numbers: safe to load
-        if _rank() == 0:
+        torch.save(rng_state(), tmp / "rng" / f"rank_{rank}.pt")  # tensors and numbers: safe to load
+        if rank == 0:
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
-        _barrier()
-        files = _gather(_digests(tmp, share=True))
-        if _rank() == 0:
+        sync()
+        files = _digests(tmp, share=False) if single_process else _gather(_digests(tmp, share=True))
+        if rank == 0:
             (tmp / INTEGRITY).write_text(json.dumps({"files": dict(sorted(files.items()))}, indent=1) + "\n")
     except (OSError, RuntimeError, CheckpointException) as e:
         errors = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
@@ -113,7 +116,7 @@ def save(root: Path, step: int, write: Callable[[Path], None], trainer_state: di
         full = (os_error is not None and os_error.errno == errno.ENOSPC) or shutil.disk_usage(root).free < 1 << 20
         if not full and os_error is None:
             raise
-        if _rank() == 0:
+        if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         kept = complete_checkpoints(root)
         what = "no space left on the device" if full else f"{os_error.strerror or os_error}"
@@ -121,16 +124,16 @@ def save(root: Path, step: int, write: Callable[[Path], None], trainer_state: di
                         f"{f'The newest complete checkpoint, {kept[-1]}, is intact. ' if kept else ''}"
                         "Free space or give train.run_dir a writable place with room, then run again "
                         "(train.resume=auto continues from the newest checkpoint).") from None
-    _barrier()
+    sync()
     faults.reached("save.before_rename", step)
-    if _rank() == 0:
+    if rank == 0:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         faults.reached("save.after_rename", step)
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    sync()
     return final
 
 
@@ -189,10 +192,11 @@ def damage(path: Path, checksums: bool = True) -> str | None:
     return problem
 
 
-def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Model and optimizer state as DCP shards under global parameter names (every rank writes its own)."""
+def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, no_dist: bool = False) -> None:
+    """Model and optimizer state as DCP shards under global parameter names (every rank writes its own; with
+    ``no_dist`` this one process writes all, without collectives)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory), no_dist=no_dist)
 
 
 def resolve(path: Path) -> Path:

@@ -7,6 +7,7 @@ reaches POINT (at step STEP, on rank RANK; any step or rank when left out). Poin
   save.after_shards     model and optimizer shards written, no RNG or trainer state yet
   save.before_rename    everything written and checked, the directory not yet renamed to complete
   save.after_rename     the checkpoint complete, older ones not yet thinned out
+  growth.after          a growth stage done: the grown model's checkpoint written and loaded, no step taken
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("step.after_backward", "save.begin", "save.after_shards", "save.before_rename", "save.after_rename")
+POINTS = ("step.after_backward", "save.begin", "save.after_shards", "save.before_rename", "save.after_rename",
+          "growth.after")
 
 
 def reached(point: str, step: int) -> None:

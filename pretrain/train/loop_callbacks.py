@@ -63,6 +63,9 @@ class ProgressLogger(Callback):
     def on_save_checkpoint(self, trainer: Trainer, step: int, path: Path) -> None:
         self.started = time.perf_counter()
 
+    def on_load_checkpoint(self, trainer: Trainer, step: int, path: Path) -> None:
+        self.started = time.perf_counter()  # (a growth between two steps, or a rollback)
+
 
 class Evaluator(Callback):
     """The validation loss every ``train.eval_interval`` steps and at the end of the schedule."""
@@ -89,7 +92,7 @@ class Checkpointer(Callback):
 
     def on_step_end(self, trainer: Trainer, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         interval = trainer.cfg.checkpoint.interval
-        if (interval and step % interval == 0) or trainer.is_final_step:
+        if (interval and step % interval == 0) or trainer.is_final_step or trainer.stage_ends:
             trainer.enter(f"the checkpoint of step {step}")
             path = trainer.save_checkpoint()
             if path is not None:

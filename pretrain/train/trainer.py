@@ -22,11 +22,12 @@ from pretrain.data.loader import GlobalBatches, MicroBatch, build_datasets, read
 from pretrain.data.prepare import ensure_data, ensure_tokenizer
 from pretrain.errors import RankFailure, UserError
 from pretrain.generate import generate
+from pretrain.growth.stages import GrowthStages, grow_saved, stage_at, stage_bounds, stage_config
 from pretrain.models.transformer import flops_per_token, num_params
 from pretrain.parallel import mesh
 from pretrain.paths import require_writable_dir
 from pretrain.torch_compat import check_torch_version
-from pretrain.train import checkpoint
+from pretrain.train import checkpoint, faults
 from pretrain.train.callbacks import Callback, method_callbacks
 from pretrain.train.engines import Engine, build_engine
 from pretrain.train.loop_callbacks import Checkpointer, Evaluator, Profiler, ProgressLogger
@@ -71,8 +72,9 @@ class Trainer:
         mesh.unbounded_barrier()
         self.tokenizer = ensure_tokenizer(cfg, self.log)
         blend = ensure_data(cfg, self.tokenizer, self.log)
-        self.cfg = cfg = resolve(cfg, self.tokenizer.vocab_size if self.tokenizer is not None else None)
-        self.config_yaml = cfg.to_yaml()
+        # The run's config (all its growth stages); ``self.cfg`` is the config of the stage the run is in.
+        self.run_cfg = cfg = resolve(cfg, self.tokenizer.vocab_size if self.tokenizer is not None else None)
+        self._enter_stage(0)
 
         d, tr = cfg.data, cfg.train
         if tr.preflight:
@@ -85,41 +87,58 @@ class Trainer:
         self.total_steps = cfg.total_steps
         self.last_step = min(self.total_steps, tr.stop_at_step) if tr.stop_at_step else self.total_steps
         valid_samples = tr.eval_iters * d.global_batch_size
-        train_ds, valid_ds = build_datasets(cfg, blend, self.tokenizer, self.run_dir / "data_index",
-                                            tr.max_steps * d.global_batch_size, valid_samples)
-        dp = (self.dims.dp_rank, self.dims.dp_size)
-        vocab = cfg.model.vocab_size
-        self.train_batches = read_ahead(GlobalBatches(train_ds, d.global_batch_size, d.micro_batch_size, *dp, vocab),
-                                        d.prefetch, pin=self.device.type == "cuda")
-        self.valid_batches = (GlobalBatches(valid_ds, d.global_batch_size, d.micro_batch_size, *dp, vocab)
-                              if valid_ds else None)
+        self.datasets = build_datasets(cfg, blend, self.tokenizer, self.run_dir / "data_index",
+                                       tr.max_steps * d.global_batch_size, valid_samples)
 
         self.stop_on_signal = StopOnSignal(tr.signal_check_interval)
         guard = [NonFiniteGuard(tr.max_nonfinite_steps, tr.nonfinite_rollback)] if tr.skip_nonfinite else []
         watchdog = [Watchdog(tr.watchdog_factor, tr.watchdog_min_s)] if tr.watchdog_factor else []
-        self.callbacks: list[Callback] = [self.stop_on_signal, *guard, *watchdog, *method_callbacks(cfg)]
+        self.method_callbacks: list[Callback] = []
+        self.callbacks: list[Callback] = [self.stop_on_signal, *guard, *watchdog]
         self.phase, self.phase_started = "setup", time.perf_counter()
         self.progress, self.evaluator, self.checkpointer = ProgressLogger(), Evaluator(), Checkpointer()
         self.loop_callbacks: list[Callback] = ([Profiler()] if tr.profile else []) + [
-            self.progress, self.evaluator, self.checkpointer]
+            self.progress, self.evaluator, self.checkpointer] + ([GrowthStages()] if cfg.growth else [])
         self.stop_requested = False
         self.state = state
         self.resumed_from = resume_from
-        self.flops_per_token = flops_per_token(cfg.model, d.seq_len)
+        self._stage_parts()
         state.setdefault("flops", state["tokens"] * self.flops_per_token)  # (checkpoints that predate the count)
         self.peak_tflops = cfg.logging.peak_tflops or devices.peak_tflops(self.device, tr.precision)
         # Only now that the run stands (a failed resume changes no file): its config, and its metrics from the step
         # it starts at (records of steps no checkpoint kept, from an attempt that died, are logged again).
         if self.rank == 0:
-            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            (self.run_dir / "config.yaml").write_text(self.run_cfg.to_yaml())
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
                                      start_step=self.state["step"])
+
+    def _enter_stage(self, stage: int) -> None:
+        """Make ``stage`` the current one: its config (model and layout) and, when the layout changes, its mesh."""
+        self.stage = stage
+        self.cfg = stage_config(self.run_cfg, stage) if self.run_cfg.growth else self.run_cfg
+        if self.cfg.parallel != self.dims.cfg:
+            self.dims, self.device = mesh.setup(self.cfg.parallel, self.device)
+        self.config_yaml = self.cfg.to_yaml()  # what the stage's checkpoints record (load_model and export read it)
+
+    def _stage_parts(self) -> None:
+        """What depends on the stage's model and layout: the data each rank reads, the methods' callbacks, FLOPs."""
+        d, vocab = self.cfg.data, self.cfg.model.vocab_size
+        train_ds, valid_ds = self.datasets
+        dp = (self.dims.dp_rank, self.dims.dp_size)
+        self.train_batches = read_ahead(GlobalBatches(train_ds, d.global_batch_size, d.micro_batch_size, *dp, vocab),
+                                        d.prefetch, pin=self.device.type == "cuda")
+        self.valid_batches = (GlobalBatches(valid_ds, d.global_batch_size, d.micro_batch_size, *dp, vocab)
+                              if valid_ds else None)
+        old = {id(cb) for cb in self.method_callbacks}
+        self.method_callbacks = method_callbacks(self.cfg)
+        self.callbacks = [cb for cb in self.callbacks if id(cb) not in old] + self.method_callbacks
+        self.flops_per_token = flops_per_token(self.cfg.model, d.seq_len)
 
     def _start(self) -> tuple[Engine, Path | None, dict]:
         """The engine, built as of the checkpoint the run resumes from, with that checkpoint loaded. A damaged
         checkpoint (files differing from what was written, or unreadable) is named; ``auto`` then falls back to the
         one before it, a checkpoint given by path stops the run."""
-        cfg = self.cfg
+        cfg = self.run_cfg
         candidates = checkpoint.resume_candidates(self.ckpt_root, cfg.train.resume)
         if cfg.train.resume == "auto":
             for path, missing in checkpoint.incomplete_checkpoints(self.ckpt_root):
@@ -129,7 +148,9 @@ class Trainer:
             problem = None if cfg.checkpoint.verify == "none" else checkpoint.damage(
                 path, checksums=cfg.checkpoint.verify == "checksums")
             if problem is None:
-                engine = build_engine(cfg, self.dims, self.device, checkpoint.read_state(path)["step"])
+                saved = checkpoint.read_state(path)
+                self._enter_stage(saved.get("stage", 0))
+                engine = build_engine(self.cfg, self.dims, self.device, saved["step"])
                 try:
                     state = checkpoint.load(path, engine.load_state)
                 except UserError as e:
@@ -148,8 +169,9 @@ class Trainer:
         if candidates:
             raise UserError(f"every checkpoint under '{self.ckpt_root}' is damaged (see above), so there is nothing to "
                             "resume; start over with train.resume=overwrite or in a new train.run_dir.")
-        return build_engine(cfg, self.dims, self.device, 0), None, {"step": 0, "consumed_samples": 0, "tokens": 0,
-                                                                    "flops": 0.0}
+        self._enter_stage(0)
+        return build_engine(self.cfg, self.dims, self.device, 0), None, {"step": 0, "consumed_samples": 0,
+                                                                         "tokens": 0, "flops": 0.0}
 
     @property
     def model(self) -> torch.nn.Module:
@@ -163,6 +185,47 @@ class Trainer:
     def is_final_step(self) -> bool:
         """Whether the step that just ran is the run's last (the schedule's end, or a stop was requested)."""
         return self.state["step"] == self.last_step or self.stop_requested
+
+    @property
+    def stage_ends(self) -> bool:
+        """Whether the step that just ran is the last of a growth stage (the model grows after it)."""
+        growth = self.run_cfg.growth
+        return self.stage < len(growth) and self.state["step"] == growth[self.stage].at_step
+
+    def grow(self) -> None:
+        """Into the next growth stage: the checkpoint of this step becomes the grown model's (the small one moves to
+        RUN_DIR/growth/stageK/), the model is rebuilt under the stage's layout and loads it, with a fresh optimizer."""
+        step, stage = self.state["step"], self.stage + 1
+        saved = self.ckpt_root / f"step_{step:07d}"
+        if not checkpoint.is_complete(saved):
+            raise UserError(f"cannot grow after step {step}: its checkpoint was not written (see above); the run "
+                            "stops so as not to grow a model it could not save.")
+        self.enter(f"growth into stage {stage} after step {step}")
+        if self.rank == 0:
+            record = self.run_dir / "growth" / f"stage{stage - 1}" / f"step_{step:07d}"
+            grow_saved(self.run_cfg, stage, saved, self.ckpt_root, record,
+                       stage_config(self.run_cfg, stage).to_yaml(), self.cfg.checkpoint.keep)
+        if self.dims.is_parallel:
+            dist.barrier()
+        self.engine = None  # the small model's memory goes before the grown one is built
+        gc.collect()
+        self._enter_stage(stage)
+        self.engine = build_engine(self.cfg, self.dims, self.device, step)
+        state = checkpoint.load(saved, self.engine.load_state)
+        state.pop("callbacks", None)
+        self.state.clear()
+        self.state.update(state)
+        self._stage_parts()
+        self.engine.model.train()
+        self.callbacks_call("on_load_checkpoint", step, saved)
+        faults.reached("growth.after", step)
+        self.log(f"grew after step {step} by {self.run_cfg.growth[stage - 1].op}: {num_params(self.cfg.model) / 1e6:.2f}M "
+                 f"parameters, {self.cfg.model.num_layers} blocks, layout {self._layout()}")
+
+    def _layout(self) -> str:
+        p = self.cfg.parallel
+        return " x ".join(f"{k} {v}" for k, v in (("pp", p.pp), ("dp_replicate", p.dp_replicate),
+                                                    ("dp_shard", p.dp_shard), ("tp", p.tp), ("ep", p.ep)) if v > 1) or "1"
 
     def enter(self, phase: str) -> None:
         """Say what the loop does now (the watchdog and a collective timeout name it)."""
@@ -237,13 +300,16 @@ class Trainer:
                  f"| peak {self.peak_tflops:.3g} TFLOP/s | steps {st['step']}->{self.last_step} of {self.total_steps}")
         if self.resumed_from is not None:
             self._restore_callbacks()
+        while self.stage < stage_at(self.run_cfg, st["step"]):  # resumed from a small model whose growth is due
+            self.grow()
         self.model.train()
         self.callbacks_call("on_run_start")
         try:
             while st["step"] < self.last_step and not self.stop_requested:
                 st["step"] += 1
                 self.enter(f"step {st['step']}")
-                self.engine.set_lr(lr_at(st["step"], cfg.optim, self.total_steps))
+                start, end = stage_bounds(self.run_cfg, self.stage)  # each growth stage warms up and decays anew
+                self.engine.set_lr(lr_at(st["step"] - start, self.cfg.optim, end - start))
                 self.callbacks_call("on_step_start", st["step"])
                 loss, grad_norm = self.train_step(self.train_batches(st["consumed_samples"]))
                 st["consumed_samples"] += cfg.data.global_batch_size
