@@ -79,7 +79,8 @@ class Evaluator(Callback):
             trainer.enter(f"validation after step {step}")
             self.last = trainer.evaluate()
             if self.last is not None:
-                trainer.metrics.log({"step": step, "val_loss": self.last, "tokens": trainer.state["tokens"]})
+                trainer.metrics.log({"step": step, "val_loss": self.last, "tokens": trainer.state["tokens"],
+                                     "flops": trainer.state["flops"]})
                 trainer.log(f"step {step:>6}/{trainer.total_steps} | val_loss {self.last:.4f}")
                 trainer.callbacks_call("on_evaluate", step, self.last)
 

@@ -1,0 +1,130 @@
+"""G_stack against training from scratch at the same compute (docs/results.md, growth).
+
+A target model is trained from scratch for ``steps`` steps; that is the budget B in FLOPs. The grown run trains a
+model of 1/g the depth for a share of the scratch run's tokens, stacks it g times in the middle of the run
+(``growth:``, G_stack), and trains the stacked model until it too has spent B, the small model's FLOPs included.
+Reported per seed: the FLOPs and tokens each run needed to reach the scratch run's final validation loss, and the
+validation curves against FLOPs (PNG). Runs are cached in OUT/runs, so an interrupted experiment resumes.
+
+    python experiments/growth_stack.py                       # CPU: 8 x 128 target, 3 seeds, about 15 minutes
+    python experiments/growth_stack.py --scale gpu           # 24 x 1024 target from 6 x 1024, 2 seeds
+    python experiments/growth_stack.py --scale toy           # seconds: what the test suite runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runner import REPO, first_reaching, train, validation, write  # noqa: E402
+
+SCALES = {
+    "toy": {"model": ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=0",
+                      "model.ffn_hidden_size=128", "tokenizer.vocab_size=600", "data.embedded_docs=120"],
+            "layers": 4, "factor": 2, "steps": 12, "seq": 64, "batch": 8, "eval": 4, "seeds": [1]},
+    "cpu": {"model": ["model.hidden_size=128", "model.num_heads=4", "model.num_kv_heads=0",
+                      "model.ffn_hidden_size=352"],
+            "layers": 8, "factor": 4, "steps": 600, "seq": 128, "batch": 16, "eval": 25, "seeds": [1234, 1235, 1236]},
+    "gpu": {"model": ["model.hidden_size=1024", "model.num_heads=16", "model.num_kv_heads=0",
+                      "model.ffn_hidden_size=2816", "train.precision=bf16", "train.compile=true",
+                      "tokenizer.vocab_size=32000"],
+            "layers": 24, "factor": 4, "steps": 4000, "seq": 1024, "batch": 32, "eval": 100, "seeds": [1234, 1235]},
+}
+
+
+def flops_per_token(overrides: list[str], layers: int) -> float:
+    from pretrain.config import load_config, resolve
+    from pretrain.models.transformer import flops_per_token as fpt
+
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [*overrides, f"model.num_layers={layers}"])
+    return fpt(resolve(cfg, cfg.tokenizer.vocab_size).model, cfg.data.seq_len)
+
+
+def run(scale: str, out: Path, share: float, log=print) -> dict:
+    s = SCALES[scale]
+    common = [*s["model"], f"data.seq_len={s['seq']}", f"data.micro_batch_size={s['batch']}",
+              f"data.global_batch_size={s['batch']}", f"train.eval_interval={s['eval']}", "train.eval_iters=4",
+              "train.log_interval=25", "checkpoint.interval=0", "checkpoint.keep=1", "optim.warmup_steps=20",
+              f"tokenizer.path={out}/cache/tokenizer.model", f"data.prefix={out}/cache/corpus"]
+    tokens_per_step = s["seq"] * s["batch"]
+    small_layers = s["layers"] // s["factor"]
+    target_fpt = flops_per_token(common, s["layers"])
+    small_fpt = flops_per_token(common, small_layers)
+    budget = s["steps"] * tokens_per_step * target_fpt
+    grow_at = max(1, round(share * s["steps"]))
+    after = round((budget - grow_at * tokens_per_step * small_fpt) / (tokens_per_step * target_fpt))
+    log(f"target {s['layers']} blocks ({target_fpt / 1e6:.1f} MFLOP/token), small {small_layers} blocks "
+        f"({small_fpt / 1e6:.1f}); budget {budget:.3g} FLOPs = {s['steps']} target steps; grow after {grow_at} "
+        f"small steps, then {after} steps of the stacked model")
+    seeds = {}
+    for seed in s["seeds"]:
+        scratch = validation(train(out / "runs" / f"scratch_{seed}", [*common, f"train.seed={seed}",
+                                   f"model.num_layers={s['layers']}", f"train.max_steps={s['steps']}"], log=log))
+        grown = validation(train(out / "runs" / f"stacked_{seed}", [
+            *common, f"train.seed={seed}", f"model.num_layers={small_layers}", f"train.max_steps={grow_at + after}",
+            f"growth=[{{at_step: {grow_at}, op: stack, factor: {s['factor']}}}]"], log=log))
+        target = scratch[-1][1]
+        reached = first_reaching(grown, target)
+        seeds[seed] = {"scratch_final_val_loss": target, "stacked_final_val_loss": grown[-1][1],
+                       "scratch_flops": scratch[-1][0], "scratch_tokens": scratch[-1][2],
+                       "stacked_flops_to_reach": reached[0] if reached else None,
+                       "stacked_tokens_to_reach": reached[1] if reached else None,
+                       "flops_saved": 1 - reached[0] / scratch[-1][0] if reached else None,
+                       "tokens_saved": 1 - reached[1] / scratch[-1][2] if reached else None,
+                       "scratch_curve": scratch, "stacked_curve": grown}
+    saved = [v["flops_saved"] for v in seeds.values() if v["flops_saved"] is not None]
+    result = {"scale": scale, "settings": s, "share_on_small_model": share, "grow_at_step": grow_at,
+              "steps_after_growth": after, "budget_flops": budget, "target_flops_per_token": target_fpt,
+              "small_flops_per_token": small_fpt, "seeds": seeds,
+              "flops_saved": {"mean": statistics.mean(saved), "min": min(saved), "max": max(saved)} if saved else None,
+              "final_val_loss": {name: [v[f"{name}_final_val_loss"] for v in seeds.values()]
+                                 for name in ("scratch", "stacked")},
+              "command": f"python experiments/growth_stack.py --scale {scale}"}
+    write(out, "growth_stack", result)
+    plot(result, out / "growth_stack.png")
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, r in enumerate(result["seeds"].values()):
+        for name, color in (("scratch", "tab:blue"), ("stacked", "tab:orange")):
+            curve = r[f"{name}_curve"]
+            ax.plot([c[0] for c in curve], [c[1] for c in curve], color=color, alpha=0.8, linewidth=1.2,
+                    label=f"{name} (target from scratch)" if name == "scratch" and i == 0 else
+                    (f"stacked x{result['settings']['factor']} after {result['grow_at_step']} small steps"
+                     if i == 0 else None))
+    ax.axhline(statistics.mean(result["final_val_loss"]["scratch"]), color="tab:blue", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("training FLOPs (small model's included)")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"G_stack vs scratch at equal compute ({result['scale']}, {len(result['seeds'])} seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=list(SCALES), default="cpu")
+    parser.add_argument("--share", type=float, default=0.15, help="share of the scratch run's steps on the small model")
+    parser.add_argument("--out", default="experiments/out/growth_stack")
+    args = parser.parse_args()
+    result = run(args.scale, REPO / args.out if not Path(args.out).is_absolute() else Path(args.out), args.share)
+    for seed, r in result["seeds"].items():
+        saved = (f"reached the scratch final loss with {100 * r['flops_saved']:.0f}% fewer FLOPs" if r["flops_saved"] is not None
+                 else "did not reach the scratch final loss within the budget")
+        print(f"seed {seed}: scratch {r['scratch_final_val_loss']:.4f}, stacked {r['stacked_final_val_loss']:.4f}; "
+              f"stacked {saved}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Each experiment script runs end to end at a toy size (seconds), so that none of them rots: runs, JSON, plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_growth_stack_experiment_runs_at_toy_size(tmp_path):
+    result = subprocess.run([sys.executable, "experiments/growth_stack.py", "--scale", "toy", "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "growth_stack.json").read_text())
+    seed = data["seeds"]["1"]
+    assert seed["scratch_curve"] and seed["stacked_curve"] and (tmp_path / "growth_stack.png").stat().st_size > 0
+    # equal compute: the stacked run's last validation spent the scratch run's budget (to one step)
+    assert abs(seed["stacked_curve"][-1][0] - data["budget_flops"]) <= data["target_flops_per_token"] * 512
+    assert "seed 1:" in result.stdout
