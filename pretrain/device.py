@@ -9,6 +9,7 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -152,20 +153,42 @@ def peak_tflops(device: torch.device, precision: str) -> float:
     return measure_matmul_tflops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.3) -> float:
+@dataclass
+class MatmulPeak:
+    tflops: float
+    sizes: list[int]  # the square sizes measured, in order
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.3,
+                        max_size: int = 4096) -> MatmulPeak:
+    """The best square-matmul rate, growing the size from 256 (doubling) while the budget allows: a size runs only
+    when one of its matmuls, at the best rate seen, fits in what is left of ``seconds``. So a dtype the hardware
+    emulates (bf16 on a CPU without AVX512_BF16) costs the budget, not minutes."""
     gen = torch.Generator().manual_seed(0)  # never the global RNG: a resumed run must draw what it would have
-    a = torch.randn(n, n, generator=gen).to(device, dtype)
-    b = torch.randn(n, n, generator=gen).to(device, dtype)
-    a @ b
-    synchronize(device)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        for _ in range(4):
+    deadline = time.perf_counter() + seconds
+    best, sizes, n = 0.0, [], 256
+    while n <= max_size:
+        left = deadline - time.perf_counter()
+        if left <= 0 or (best and 2 * n**3 / (best * 1e12) > left):
+            break
+        a = torch.randn(n, n, generator=gen).to(device, dtype)
+        b = torch.randn(n, n, generator=gen).to(device, dtype)
+        sizes.append(n)
+        share = time.perf_counter() + max(left / 4, 0.0)  # a quarter of what is left for this size
+        while True:
+            synchronize(device)
+            t0 = time.perf_counter()
             a @ b
-        synchronize(device)
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
-    return best / 1e12
+            synchronize(device)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e12)
+            if time.perf_counter() >= min(share, deadline):
+                break
+        n *= 2
+    return MatmulPeak(best, sizes)
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
+    return measure_matmul_peak(device, dtype, seconds).tflops
 
 
 def accelerator_rng_state() -> list:

@@ -46,15 +46,23 @@ def check_grown(run_dir: Path) -> None:
     assert all(r["loss"] == r["loss"] for r in lines if "loss" in r)
 
 
+@pytest.fixture(scope="module")
+def grown_runs(tmp_path_factory, shared_cache):
+    """A dense and an LNS run on 2 processes (one torchrun), each growing from 2 data-parallel shards of 2 blocks
+    to 2 pipeline stages of 2 blocks each after step 3."""
+    tmp = tmp_path_factory.mktemp("grown_runs")
+    base = TINY + [f"tokenizer.path={shared_cache}/tok.model", f"data.prefix={shared_cache}/corpus", *STEPS]
+    grow = "growth=[{at_step: 3, op: stack, factor: 2, parallel: {dp_shard: 1, pp: 2}}]"
+    jobs = [{"overrides": base + extra + ["parallel.dp_shard=2", grow, f"train.run_dir={tmp}/{kind}"]}
+            for kind, extra in {"dense": [], "lns": ["model.norm_scaling=lns"]}.items()]
+    torchrun_jobs("dist_worker.py", 2, jobs, tmp, port=29650)
+    return tmp
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dense", "lns"])
-def test_grows_mid_run_into_another_layout(tmp_path, shared_cache, kind):
-    extra = [] if kind == "dense" else ["model.norm_scaling=lns"]
-    base = TINY + [f"tokenizer.path={shared_cache}/tok.model", f"data.prefix={shared_cache}/corpus", *STEPS, *extra]
-    grow = "growth=[{at_step: 3, op: stack, factor: 2, parallel: {dp_shard: 1, pp: 2}}]"
-    jobs = [{"overrides": base + ["parallel.dp_shard=2", grow, f"train.run_dir={tmp_path}/run"]}]
-    torchrun_jobs("dist_worker.py", 2, jobs, tmp_path, port=29650 + (kind == "lns"))
-    run_dir = tmp_path / "run"
+def test_grows_mid_run_into_another_layout(grown_runs, kind):
+    run_dir = grown_runs / kind
     check_grown(run_dir)
     small = pretrain.load_model(run_dir / "growth" / "stage0" / "step_0000003").state_dict()
     grown = pretrain.load_model(run_dir / "checkpoints" / "step_0000003").state_dict()  # the grown stage's first
@@ -63,20 +71,30 @@ def test_grows_mid_run_into_another_layout(tmp_path, shared_cache, kind):
         parts = name.split(".", 2)
         key = f"blocks.{order[int(parts[1])]}.{parts[2]}" if parts[0] == "blocks" else name
         assert torch.equal(tensor, small[key]), name
-    step3 = json.loads((tmp_path / "run" / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
-    assert step3["stage"] == 1 and step3["growth"][0]["op"] == "stack"
-    grown = load_config(tmp_path / "run" / "checkpoints" / "step_0000004" / "config.yaml")
+    step4 = json.loads((run_dir / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
+    assert step4["stage"] == 1 and step4["growth"][0]["op"] == "stack"
+    grown = load_config(run_dir / "checkpoints" / "step_0000004" / "config.yaml")
     assert grown.model.num_layers == 4 and grown.parallel.pp == 2 and not grown.growth
+
+
+def growth_args(shared_cache: Path) -> list[str]:
+    return ["train", "configs/quickstart.yaml", *TINY, f"tokenizer.path={shared_cache}/tok.model",
+            f"data.prefix={shared_cache}/corpus", *STEPS, GROW, "checkpoint.interval=2"]
+
+
+@pytest.fixture(scope="module")
+def whole_growth_run(tmp_path_factory, shared_cache) -> Path:
+    run_dir = tmp_path_factory.mktemp("whole_growth") / "run"
+    whole = subprocess.run([sys.executable, "-m", "pretrain", *growth_args(shared_cache), f"train.run_dir={run_dir}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    return run_dir
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("interruption", ["killed after growing", "stopped before growing"])
-def test_interrupted_growth_run_resumes_exactly(tiny_overrides, tmp_path, interruption):
-    args = ["train", "configs/quickstart.yaml", *tiny_overrides, *STEPS, GROW, "checkpoint.interval=2"]
-    whole = subprocess.run([sys.executable, "-m", "pretrain", *args, f"train.run_dir={tmp_path}/whole"], cwd=REPO,
-                           capture_output=True, text=True, timeout=300)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    run = [sys.executable, "-m", "pretrain", *args, f"train.run_dir={tmp_path}/run"]
+def test_interrupted_growth_run_resumes_exactly(shared_cache, whole_growth_run, tmp_path, interruption):
+    run = [sys.executable, "-m", "pretrain", *growth_args(shared_cache), f"train.run_dir={tmp_path}/run"]
     if interruption == "killed after growing":
         first = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=300,
                                env={**os.environ, "PRETRAIN_FAULT": "growth.after"})
@@ -86,7 +104,7 @@ def test_interrupted_growth_run_resumes_exactly(tiny_overrides, tmp_path, interr
         assert first.returncode == 0, first.stderr[-3000:]
     again = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert trace(tmp_path / "run") == trace(tmp_path / "whole")
+    assert trace(tmp_path / "run") == trace(whole_growth_run)
     check_grown(tmp_path / "run")
 
 

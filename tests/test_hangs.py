@@ -82,7 +82,7 @@ def test_a_stopped_rank_is_named_by_the_watchdog_and_the_collective_timeout(tiny
 
 @pytest.mark.slow
 def test_sigusr1_to_the_launch_script_checkpoints_exits_75_and_resumes_exactly(tiny_overrides, tmp_path):
-    steps = 40
+    steps = 20
     whole = launch(tiny_overrides, tmp_path / "whole", f"train.max_steps={steps}")
     assert whole.wait(timeout=300) == 0, whole.stderr.read()[-3000:]
     run_dir = tmp_path / "run"

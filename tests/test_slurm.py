@@ -89,6 +89,15 @@ def test_preempted_job_requeues_and_resumes_without_losing_a_step(slurm, tiny_ov
     while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.05)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and "requeueing" not in out.read_text():
+        time.sleep(0.2)
+    # SLURM holds a requeued job back for a while before it may start again; the test need not wait for that
+    for _ in range(50):
+        if "PENDING" in subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+            break
+        time.sleep(0.2)
     wait_gone(job)
     log = out.read_text()
     assert "preempted at step" in log and "requeueing" in log, log[-3000:]
