@@ -17,6 +17,12 @@ def load_model(checkpoint_dir: str | Path) -> nn.Module:
 
     path = checkpoint.resolve(Path(checkpoint_dir))
     cfg = load_config(path / "config.yaml")
+    if cfg.assembly.phase == "incubate":
+        from pretrain.errors import UserError
+
+        raise UserError(f"'{path}' is a checkpoint of module {cfg.assembly.module}'s incubation: it holds that module "
+                        "alone, not a whole model. Assemble the model first (`pretrain assemble join CONFIG`); the "
+                        "checkpoints under RUN_DIR/join hold all of it.")
     model = build_model(cfg.model, cfg.train.seed, "cpu")
     sg = cfg.model.ffn.self_guided
     if sg.enabled:  # guides and alpha as trained

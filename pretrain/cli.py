@@ -20,10 +20,14 @@ USER_ERROR_MARKER = "user_error"  # RUN_DIR/user_error: the message of a run tha
 
 
 def _train(args) -> int:
+    return _run(load_config(args.config, args.overrides))
+
+
+def _run(cfg) -> int:
+    """Train ``cfg``: exit 0, or 75 when stopped by a signal with a checkpoint (preempted)."""
     from pretrain.train.preemption import EXIT_PREEMPTED
     from pretrain.train.trainer import run_training
 
-    cfg = load_config(args.config, args.overrides)
     marker = Path(cfg.train.run_dir) / USER_ERROR_MARKER
     with contextlib.suppress(OSError):  # (a run directory that is no directory is named by the trainer)
         marker.unlink(missing_ok=True)
@@ -142,6 +146,24 @@ def _grow_plan(args) -> int:
     return 0
 
 
+def _assemble(args) -> int:
+    from pretrain.assembly import phases
+
+    cfg = load_config(args.config, args.overrides)
+    if args.phase == "run":
+        if args.get or args.world_size is not None:
+            raise UserError("--get and --world-size show one phase's config: give meta, incubate or join.")
+        phases.run_all(cfg, args.config, args.overrides, parallel=args.parallel)
+        return 0
+    module = args.module
+    if args.phase == "incubate" and module is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        module = int(os.environ["SLURM_ARRAY_TASK_ID"])  # one incubation per task of a SLURM job array
+    phase_cfg = phases.phase_config(cfg, args.phase, module or 0)
+    if args.get or args.world_size is not None:
+        return _show(phase_cfg, args)
+    return _run(phase_cfg)
+
+
 def _schedule(args) -> int:
     from pretrain.schedule_tool import run_schedule_tool
 
@@ -154,7 +176,11 @@ def _config(args) -> int:
         for key, default, doc in describe():
             print(f"{key:<32} {default!r:<24} {doc}")
         return 0
-    cfg = load_config(args.config, args.overrides)
+    return _show(load_config(args.config, args.overrides), args)
+
+
+def _show(cfg, args) -> int:
+    """Print the config, or one key of it (``--get``), after checking its layout against ``--world-size``."""
     if args.world_size is not None and args.world_size != cfg.parallel.world_size:
         p = cfg.parallel
         raise ConfigError("parallel", f"{args.world_size} process(es) would start, but the layout needs "
@@ -230,6 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--target-params", type=float, help="--plan: the target model's parameters")
     grow.add_argument("--tokens", type=float, help="--plan: the target run's training tokens")
     grow.set_defaults(fn=_grow)
+    assemble = verbs.add_parser("assemble", help="train the model as modules in independent runs (assembly: section): "
+                                "the meta model, one module's incubation, the join, or all of them")
+    assemble.add_argument("phase", choices=["meta", "incubate", "join", "run"],
+                          help="meta: the shallow meta model; incubate: module k inside it; join: assemble the modules "
+                          "and fine-tune; run: every phase here, the incubations as separate processes")
+    with_config(assemble)
+    assemble.add_argument("--module", type=int, help="incubate: the module k (1..K); default: the SLURM array index")
+    assemble.add_argument("--parallel", type=int, default=1, help="run: incubations running at once (default 1)")
+    assemble.add_argument("--get", metavar="KEY", help="print this key of the phase's config instead of running it")
+    assemble.add_argument("--world-size", type=int, metavar="N",
+                          help="with --get: also check that the phase's layout needs exactly N processes")
+    assemble.set_defaults(fn=_assemble)
     from pretrain.parallel.schedules import SCHEDULES
 
     sched = verbs.add_parser("schedule", help="draw a pipeline schedule's timeline; print its bubble and peak activations")

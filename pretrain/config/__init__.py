@@ -4,6 +4,7 @@
 ``option(default, doc)`` declares a key and ``section(cls, doc)`` a nested section; every section checks its
 own rules (``check``) and ``RunConfig.validate`` the rules between sections."""
 
+from pretrain.config.assembly import AssemblyConfig
 from pretrain.config.data import BlendEntry, DataConfig, SourceConfig, TokenizerConfig
 from pretrain.config.fields import ConfigError, option, section
 from pretrain.config.growth import GrowthStage
@@ -12,7 +13,7 @@ from pretrain.config.parallel import ParallelConfig
 from pretrain.config.run import RunConfig, describe, from_dict, load_config, resolve
 from pretrain.config.train import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig
 
-__all__ = ["BlendEntry", "CheckpointConfig", "ConfigError", "DataConfig", "FFNConfig", "GrowthStage", "LoggingConfig",
+__all__ = ["AssemblyConfig", "BlendEntry", "CheckpointConfig", "ConfigError", "DataConfig", "FFNConfig", "GrowthStage", "LoggingConfig",
            "ModelConfig",
            "MoEConfig", "OptimConfig", "ParallelConfig", "RunConfig", "SelfGuidedConfig", "SourceConfig",
            "TokenizerConfig", "TrainConfig", "describe", "from_dict", "load_config", "option", "resolve", "section"]

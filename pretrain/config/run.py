@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from pretrain.config import loading
+from pretrain.config.assembly import AssemblyConfig, check_assembly
 from pretrain.config.data import DataConfig, TokenizerConfig
 from pretrain.config.fields import option, section
 from pretrain.config.growth import GrowthStage, check_growth
@@ -37,12 +38,14 @@ class RunConfig:
     logging: LoggingConfig = section(LoggingConfig, "Logging.")
     parallel: ParallelConfig = section(ParallelConfig, "Parallel layout.")
     growth: list[GrowthStage] = option([], "Stages that grow the model during the run (see pretrain/config/growth.py).")
+    assembly: AssemblyConfig = section(AssemblyConfig, "Training the model as modules in independent jobs.")
 
     def validate(self) -> RunConfig:
         for part in (self.model, self.data, self.tokenizer, self.optim, self.train, self.checkpoint, self.parallel):
             part.check()
         check_layout(self)
         check_growth(self)
+        check_assembly(self)
         return self
 
     @property

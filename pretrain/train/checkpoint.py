@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from pretrain.errors import UserError
 from pretrain.train import faults
@@ -192,10 +192,22 @@ def damage(path: Path, checksums: bool = True) -> str | None:
     return problem
 
 
-def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, no_dist: bool = False) -> None:
+Names = Callable[[str], "str | None"]  # a model tensor's name in the checkpoint, or None: not kept there
+
+
+def _renamed(state: dict, names: Names | None) -> dict:
+    if names is None:
+        return state
+    return {names(name): value for name, value in state.items() if names(name) is not None}
+
+
+def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, no_dist: bool = False,
+             names: Names | None = None) -> None:
     """Model and optimizer state as DCP shards under global parameter names (every rank writes its own; with
-    ``no_dist`` this one process writes all, without collectives)."""
+    ``no_dist`` this one process writes all, without collectives). ``names`` keeps some model tensors, under the
+    names it gives them (an incubation keeps its module under the target model's names)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd = _renamed(model_sd, names)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory), no_dist=no_dist)
 
 
@@ -266,15 +278,19 @@ def load(path: Path, restore: Callable[[Path], None]) -> dict:
     return read_state(path)
 
 
-def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, no_dist: bool = False) -> None:
+def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, no_dist: bool = False,
+             names: Names | None = None) -> None:
     """Model (and optimizer) state from a checkpoint, resharded to this layout. ``no_dist`` reads without
-    collectives, for one process alone while a process group is up (e.g. rank 0 exporting)."""
+    collectives, for one process alone while a process group is up (e.g. rank 0 exporting). ``names``: the model
+    tensors to read and their names in the checkpoint, as ``save_dcp`` (the others keep their values)."""
     model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (
         get_state_dict(model, [])[0], None)
+    ours = {} if names is None else {names(name): name for name in model_sd if names(name) is not None}
+    model_sd = _renamed(model_sd, names)
     state = {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
     # DCP keeps one copy of a non-tensor value, so each optimizer group's loaded parameter names are one rank's
     # (under pipeline parallelism another stage's), and torch drops a tied weight those names miss: keep ours.
-    names = [list(group["params"]) for group in optim_sd["param_groups"]] if optimizer is not None else []
+    group_params = [list(group["params"]) for group in optim_sd["param_groups"]] if optimizer is not None else []
     try:
         read_dcp_metadata(path / ".metadata")  # refused here, with its own message, before DCP reads anything
         dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), no_dist=no_dist)
@@ -284,9 +300,14 @@ def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | No
         raise UserError(f"checkpoint '{path}' could not be read ({type(e).__name__}: {str(e)[:300]}). It may be "
                         "damaged or from another model shape: point train.resume at an older checkpoint, or "
                         "train.resume=never to start over in a new train.run_dir.") from None
+    if names is not None:  # back to the model's own names
+        state["model"] = {ours[name]: value for name, value in state["model"].items()}
+    options = StateDictOptions(strict=names is None)  # (with ``names``, the other tensors keep their values)
     if optimizer is None:
-        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
+        if state["model"]:  # (a pipeline rank may hold none of the tensors ``names`` picks)
+            set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={}, options=options)
     else:
-        for group, params in zip(state["optim"]["param_groups"], names, strict=True):
+        for group, params in zip(state["optim"]["param_groups"], group_params, strict=True):
             group["params"] = params
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=options)

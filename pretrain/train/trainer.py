@@ -23,7 +23,7 @@ from pretrain.data.prepare import ensure_data, ensure_tokenizer
 from pretrain.errors import RankFailure, UserError
 from pretrain.generate import generate
 from pretrain.growth.stages import GrowthStages, grow_saved, stage_at, stage_bounds, stage_config
-from pretrain.models.transformer import flops_per_token, num_params
+from pretrain.models.transformer import num_params
 from pretrain.parallel import mesh
 from pretrain.paths import require_writable_dir
 from pretrain.torch_compat import check_torch_version
@@ -63,6 +63,11 @@ class Trainer:
         devices.retain_host_memory(self.device)
         self.rank = self.dims.rank
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
+        if cfg.assembly.modules and not cfg.assembly.phase:
+            raise UserError(f"this config assembles its model from {cfg.assembly.modules} modules trained as separate "
+                            "runs (assembly.modules): run them with `pretrain assemble run CONFIG` (or one phase at a "
+                            "time: `pretrain assemble meta|incubate|join CONFIG`), or set assembly.modules=0 to train "
+                            "the model end to end.")
         self.run_dir = require_writable_dir(cfg.train.run_dir, "train.run_dir")
         self.ckpt_root = self.run_dir / "checkpoints"
         torch.manual_seed(cfg.train.seed)
@@ -132,7 +137,7 @@ class Trainer:
         old = {id(cb) for cb in self.method_callbacks}
         self.method_callbacks = method_callbacks(self.cfg)
         self.callbacks = [cb for cb in self.callbacks if id(cb) not in old] + self.method_callbacks
-        self.flops_per_token = flops_per_token(self.cfg.model, d.seq_len)
+        self.flops_per_token = self.engine.flops_per_token
 
     def _start(self) -> tuple[Engine, Path | None, dict]:
         """The engine, built as of the checkpoint the run resumes from, with that checkpoint loaded. A damaged
@@ -170,8 +175,12 @@ class Trainer:
             raise UserError(f"every checkpoint under '{self.ckpt_root}' is damaged (see above), so there is nothing to "
                             "resume; start over with train.resume=overwrite or in a new train.run_dir.")
         self._enter_stage(0)
-        return build_engine(self.cfg, self.dims, self.device, 0), None, {"step": 0, "consumed_samples": 0,
-                                                                         "tokens": 0, "flops": 0.0}
+        engine = build_engine(self.cfg, self.dims, self.device, 0)
+        if cfg.assembly.phase == "join":  # an assembled model starts from its trained modules
+            from pretrain.assembly.phases import assemble
+
+            return engine, None, assemble(engine, cfg, self.log)
+        return engine, None, {"step": 0, "consumed_samples": 0, "tokens": 0, "flops": 0.0}
 
     @property
     def model(self) -> torch.nn.Module:
@@ -375,7 +384,9 @@ def run_training(cfg: RunConfig, log=print) -> dict:
             log(f"exported to Hugging Face format -> {export_checkpoint(result['checkpoint'], run_dir / 'hf')}")
         log(f"done in {format_duration(time.perf_counter() - t0)}: step {result['step']}"
             + (f", val_loss {result['val_loss']:.4f}" if result["val_loss"] is not None else ""))
-        for line in compute_by_stage(trainer.state, trainer.cfg):
+        from pretrain.assembly.phases import compute_by_phase
+
+        for line in compute_by_stage(trainer.state, trainer.cfg) + compute_by_phase(trainer.state):
             log(line)
         log(f"  checkpoints: {trainer.ckpt_root}/")
         log(f"  metrics:     {run_dir / 'metrics.jsonl'}")

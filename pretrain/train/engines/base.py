@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -36,7 +36,7 @@ from pretrain.config import RunConfig
 from pretrain.data.loader import MicroBatch
 from pretrain.models.moe import MoEContext, use_grouped_gemm
 from pretrain.models.structured import set_guided_phase
-from pretrain.models.transformer import build_model
+from pretrain.models.transformer import build_model, flops_per_token
 from pretrain.parallel.compile import apply_compile, compile_loss
 from pretrain.parallel.grads import clip_grads_, grad_norm
 from pretrain.parallel.mesh import ParallelDims
@@ -70,6 +70,10 @@ class Engine:
         self.loss_parallel = cfg.parallel.tp > 1 and cfg.parallel.loss_parallel
         self.loss_sum = lm_loss_sum
         self.stepped = True  # whether the last step updated the weights (see optimizer_step)
+        self.flops_per_token = flops_per_token(cfg.model, d.seq_len)  # training FLOPs of one token, for MFU
+        # The model tensors checkpoints keep and their names there (None: all, as named); see checkpoint.save_dcp.
+        self.checkpoint_names: Callable[[str], str | None] | None = None
+        self.layout_cfg = cfg  # the config the pipeline stages are cut by (an incubation's has its own depth)
         self.moe: MoEContext | None = None
         if cfg.model.moe.num_experts:
             # The router losses are one mean over the units their balance covers: every micro-batch of the global
@@ -85,8 +89,16 @@ class Engine:
     # ---- building -------------------------------------------------------------------------------------------
     def build_model(self, start_step: int) -> nn.Module:
         """The whole model on this rank's device, initialised by name and seed, as trained through ``start_step``
-        (self-guided layers past their guided phase have no guide)."""
+        (self-guided layers past their guided phase have no guide). An incubation (``assembly.module``) builds the
+        meta model with module k in it, and checkpoints only what module k trains."""
         cfg = self.cfg
+        if cfg.assembly.phase == "incubate":
+            from pretrain.assembly.hybrid import build_hybrid, checkpoint_name, hybrid_config, incubation_flops_per_token
+
+            self.checkpoint_names = lambda name: checkpoint_name(cfg, cfg.assembly.module, name)
+            self.flops_per_token = incubation_flops_per_token(cfg)
+            self.layout_cfg = hybrid_config(cfg)
+            return build_hybrid(cfg, self.device)
         model = build_model(cfg.model, cfg.train.seed, self.device)
         sg = cfg.model.ffn.self_guided
         if sg.enabled:
@@ -207,7 +219,7 @@ class Engine:
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def save_state(self, directory: Path) -> None:
         """Write the model and optimizer state into ``directory`` (every rank takes part)."""
-        checkpoint.save_dcp(directory, self.model, self.optimizer)
+        checkpoint.save_dcp(directory, self.model, self.optimizer, names=self.checkpoint_names)
 
     def load_state(self, directory: Path) -> None:
-        checkpoint.load_dcp(directory, self.model, self.optimizer)
+        checkpoint.load_dcp(directory, self.model, self.optimizer, names=self.checkpoint_names)

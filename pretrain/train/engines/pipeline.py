@@ -31,7 +31,7 @@ class PipelineEngine(Engine):
         super().__init__(cfg, dims, device)
         model = self.build_model(start_step)
         # ``model`` keeps only this rank's stages (under their global names); the schedule runs them.
-        self.pipeline = PipelineSchedule(model, dims, cfg, device, self.moe)
+        self.pipeline = PipelineSchedule(model, dims, self.layout_cfg, device, self.moe)
         split_backward = cfg.parallel.pp_schedule in SPLIT_BACKWARD
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing, split_backward)  # before FSDP
         plan.parallelize(model, dims, cfg, self.pipeline.modules)

@@ -1,0 +1,1 @@
+"""Model assembly: a target model trained as K modules in independent runs, then joined (docs/methods.md)."""
