@@ -17,4 +17,4 @@ MASTER_PORT=${MASTER_PORT:-29500}
 check_layout "$((NNODES * NPROC_PER_NODE))" "$@"
 run_torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \
   --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${RDZV_ID:-pretrain}" \
-  -m pretrain train "$@"
+  -m pretrain "${VERB[@]}" "$@"

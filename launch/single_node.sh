@@ -10,4 +10,4 @@ if [ -z "${NPROC:-}" ]; then
   NPROC=$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L | wc -l || echo 2)
 fi
 check_layout "$NPROC" "$@"
-run_torchrun --standalone --nproc_per_node "$NPROC" -m pretrain train "$@"
+run_torchrun --standalone --nproc_per_node "$NPROC" -m pretrain "${VERB[@]}" "$@"

@@ -19,3 +19,18 @@ def test_growth_stack_experiment_runs_at_toy_size(tmp_path):
     # equal compute: the stacked run's last validation spent the scratch run's budget (to one step)
     assert abs(seed["stacked_curve"][-1][0] - data["budget_flops"]) <= data["target_flops_per_token"] * 512
     assert "seed 1:" in result.stdout
+
+
+def test_assembly_experiment_runs_at_toy_size(tmp_path):
+    result = subprocess.run([sys.executable, "experiments/assembly.py", "--scale", "toy", "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "assembly.json").read_text())
+    seed = data["seeds"]["1"]
+    assert seed["end_to_end_curve"] and seed["assembled_curve"] and (tmp_path / "assembly.png").stat().st_size > 0
+    # equal compute: the join's last validation has spent, with the meta model and the incubations, the end-to-end
+    # run's budget (to one step of the target)
+    assert abs(seed["assembled_flops"] - data["budget_flops"]) <= data["flops_per_token"]["target"] * 512
+    assert abs(seed["end_to_end_flops"] - data["budget_flops"]) <= 1e-6 * data["budget_flops"]
+    assert set(seed["phase_wall_s"]) == {"meta", "module 1", "module 2", "join"}
+    assert "seed 1:" in result.stdout

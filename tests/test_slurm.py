@@ -106,3 +106,33 @@ def test_preempted_job_requeues_and_resumes_without_losing_a_step(slurm, tiny_ov
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, steps + 1))  # none lost, none repeated
     assert [got[s] for s in range(1, steps + 1)] == pytest.approx([expected[s] for s in range(1, steps + 1)], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_assembled_run_as_dependent_jobs(slurm, tiny_overrides, tmp_path):
+    """slurm/assemble.sh: the meta job, the incubations as a job array after it, the join after the array."""
+    run_dir = tmp_path / "assembled"
+    config = tmp_path / "assembled.yaml"
+    config.write_text("assembly:\n  modules: 2\n  meta_steps: 3\n  incubation_steps: 3\n")
+    env = {**slurm, "PYTHON": sys.executable, "NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1",
+           "META_SBATCH": f"--nodes 1 --output={tmp_path}/meta.out",
+           "INCUBATE_SBATCH": f"--nodes 1 --output={tmp_path}/module_%a.out",
+           "JOIN_SBATCH": f"--nodes 1 --output={tmp_path}/join.out"}
+    result = subprocess.run(["slurm/assemble.sh", str(config), *tiny_overrides, *STEPS, "model.num_layers=4",
+                             "train.max_steps=4", f"train.run_dir={run_dir}"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    join_job = result.stdout.split("join: job ")[1].split()[0]
+    wait_gone(join_job)
+    outputs = {name: (tmp_path / f"{name}.out").read_text() for name in ("meta", "module_1", "module_2", "join")}
+    assert sorted(losses(run_dir / "join")) == [1, 2, 3, 4], outputs["join"][-3000:]
+    for k in (1, 2):  # each array task incubated its own module, after the meta model was finished
+        assert sorted(losses(run_dir / f"module_{k}")) == [1, 2, 3], outputs[f"module_{k}"][-3000:]
+        assert f"run dir {run_dir / f'module_{k}'}" in outputs[f"module_{k}"]
+    first = {part: json.loads((run_dir / part / "metrics.jsonl").read_text().splitlines()[0])["time"]
+             for part in ("module_1", "module_2", "join")}
+    last = {part: json.loads((run_dir / part / "metrics.jsonl").read_text().splitlines()[-1])["time"]
+            for part in ("meta", "module_1", "module_2")}
+    assert min(first["module_1"], first["module_2"]) > last["meta"]
+    assert first["join"] > max(last["module_1"], last["module_2"])
+    assert "compute by phase" in outputs["join"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -90,15 +92,14 @@ def owned(cfg: RunConfig, k: int, name: str) -> bool:
     return k == a.head_owner  # final norm and head
 
 
-def build_hybrid(cfg: RunConfig, device: torch.device) -> nn.Module:
-    """The hybrid of module ``cfg.assembly.module``: the trained meta model's weights (``phases.meta_checkpoint``),
+def build_hybrid(cfg: RunConfig, meta_checkpoint: Path, device: torch.device) -> nn.Module:
+    """The hybrid of module ``cfg.assembly.module``: the trained meta model's weights (from ``meta_checkpoint``),
     module k initialised as the target's, everything else frozen."""
     from pretrain.api import load_model
-    from pretrain.assembly.phases import meta_checkpoint
 
     a, seed = cfg.assembly, cfg.train.seed
     k = a.module
-    meta = load_model(meta_checkpoint(cfg))
+    meta = load_model(meta_checkpoint)
     layout = hybrid_layout(cfg, k)
     with torch.device("meta"):
         model = Transformer(dataclasses.replace(cfg.model, num_layers=len(layout)))

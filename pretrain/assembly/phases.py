@@ -187,7 +187,7 @@ def run_all(cfg: RunConfig, config: str, overrides: list[str], parallel: int = 1
     world = cfg.parallel.world_size
     launcher = [sys.executable, "-m", "pretrain"] if world == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "-m", "pretrain"]
-    times: dict = {}
+    times: dict = {"per_phase_s": {}}  # each phase's own wall time, and each group's
 
     def command(phase: str, k: int = 0) -> list[str]:
         return [*launcher, "assemble", phase, config, *overrides, *(["--module", str(k)] if k else [])]
@@ -200,24 +200,27 @@ def run_all(cfg: RunConfig, config: str, overrides: list[str], parallel: int = 1
     if done("meta"):
         log(f"meta model: finished ({root / 'meta'})")
     else:
-        times["meta_s"] = _run_phases([("meta", command("meta"))], 1, log)
+        times["meta_s"] = _run_phases([("meta", command("meta"))], 1, log, times["per_phase_s"])
     todo = [k for k in range(1, a.modules + 1) if not done("incubate", k)]
     for k in sorted(set(range(1, a.modules + 1)) - set(todo)):
         log(f"module {k}: finished ({phase_dir(root, 'incubate', k)})")
     if todo:
-        times["incubations_s"] = _run_phases([(f"module {k}", command("incubate", k)) for k in todo], parallel, log)
+        times["incubations_s"] = _run_phases([(f"module {k}", command("incubate", k)) for k in todo], parallel, log,
+                                             times["per_phase_s"])
         times["incubations_at_once"] = min(parallel, len(todo))
-    times["join_s"] = _run_phases([("join", command("join"))], 1, log)
+    times["join_s"] = _run_phases([("join", command("join"))], 1, log, times["per_phase_s"])
     times["total_s"] = time.perf_counter() - started
     (root / "assembly.json").write_text(json.dumps(times, indent=1) + "\n")
-    log("assembled run: " + ", ".join(f"{key[:-2]} {value:.0f} s" for key, value in times.items() if key.endswith("_s"))
+    log("assembled run: " + ", ".join(f"{key[:-2]} {value:.0f} s" for key, value in times.items()
+                                  if key.endswith("_s") and key != "per_phase_s")
         + f" -> {root / 'join'}")
     return times
 
 
-def _run_phases(jobs: list[tuple[str, list[str]]], at_once: int, log) -> float:
-    """Run the phase commands, ``at_once`` at a time, their output prefixed by their names; the wall time. A failed
-    one lets the others finish (they share nothing), then stops the run with its exit status."""
+def _run_phases(jobs: list[tuple[str, list[str]]], at_once: int, log, durations: dict) -> float:
+    """Run the phase commands, ``at_once`` at a time, their output prefixed by their names; the wall time (each
+    job's own into ``durations``). A failed one lets the others finish (they share nothing), then stops the run
+    with its exit status."""
     started, pending, running, failed = time.perf_counter(), list(jobs), [], []
 
     def forward(name: str, stream) -> None:
@@ -239,10 +242,12 @@ def _run_phases(jobs: list[tuple[str, list[str]]], at_once: int, log) -> float:
                 reader = threading.Thread(target=forward, args=(name, proc.stdout), daemon=True)
                 reader.start()
                 running.append((name, proc, reader))
+                durations[name] = time.perf_counter()
             time.sleep(0.2)
             for item in [r for r in running if r[1].poll() is not None]:
                 running.remove(item)
                 item[2].join()
+                durations[item[0]] = time.perf_counter() - durations[item[0]]
                 if item[1].returncode:
                     failed.append((item[0], item[1].returncode))
     except KeyboardInterrupt:

@@ -156,6 +156,11 @@ class PrefetchedBatches:
                 self.pending[p] = self.pool.submit(self._read, p)
         return future.result() if future is not None else self._read(position)
 
+    def close(self) -> None:
+        """Cancel what is read ahead and stop the thread."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
+
 
 def read_ahead(batches: GlobalBatches, depth: int, pin: bool) -> GlobalBatches | PrefetchedBatches:
     """``batches`` themselves for depth 0, else a prefetching view of them."""

@@ -25,9 +25,10 @@ from pretrain.data.tokenizer import Tokenizer
 _worker_tok: Tokenizer | None = None
 
 
-def _init_worker(path: str) -> None:
+def _init_worker(path: str, worker_process: bool = True) -> None:
     global _worker_tok
-    torch.set_num_threads(1)
+    if worker_process:  # (not in the main process: its torch threads are the training's)
+        torch.set_num_threads(1)
     _worker_tok = Tokenizer(path)
 
 
@@ -72,7 +73,7 @@ def preprocess(docs: Iterable[str], tokenizer: Tokenizer, prefix: str | Path, *,
     pool = mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer.path),)) if workers > 1 else None
     try:
         if pool is None:
-            _init_worker(str(tokenizer.path))
+            _init_worker(str(tokenizer.path), worker_process=False)
             encoded = map(_encode_chunk, _chunks(docs, chunk_size))
         else:
             encoded = pool.imap(_encode_chunk, _chunks(docs, chunk_size))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -117,6 +118,12 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
                                      start_step=self.state["step"])
 
+    def close(self) -> None:
+        """Stop the data read-ahead (its thread must not outlive the run)."""
+        for batches in (getattr(self, "train_batches", None),):
+            if hasattr(batches, "close"):
+                batches.close()
+
     def _enter_stage(self, stage: int) -> None:
         """Make ``stage`` the current one: its config (model and layout) and, when the layout changes, its mesh."""
         self.stage = stage
@@ -129,6 +136,7 @@ class Trainer:
         """What depends on the stage's model and layout: the data each rank reads, the methods' callbacks, FLOPs."""
         d, vocab = self.cfg.data, self.cfg.model.vocab_size
         train_ds, valid_ds = self.datasets
+        self.close()  # (the read-ahead of the stage before)
         dp = (self.dims.dp_rank, self.dims.dp_size)
         self.train_batches = read_ahead(GlobalBatches(train_ds, d.global_batch_size, d.micro_batch_size, *dp, vocab),
                                         d.prefetch, pin=self.device.type == "cuda")
@@ -372,7 +380,16 @@ def run_training(cfg: RunConfig, log=print) -> dict:
     t0 = time.perf_counter()
     trainer = Trainer(cfg, log)
     cfg, log = trainer.cfg, trainer.log  # the resolved config; rank 0 logs
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException as error:
+        # As on the way out below: the read-ahead thread stopped and the model freed while the interpreter is whole
+        # (the frames of the failed step hold the trainer until their locals are cleared; the traceback stays).
+        traceback.clear_frames(error.__traceback__)
+        trainer.close()
+        del trainer, log
+        gc.collect()
+        raise
     if not result["preempted"]:  # out of time: no sample, no export, just the checkpoint
         text = trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens)
         if text is not None:
@@ -394,6 +411,9 @@ def run_training(cfg: RunConfig, log=print) -> dict:
             log(f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
     # Free the model, its parallel state and any collective's work objects while the interpreter is whole,
     # then the process groups: gloo work objects freed during interpreter shutdown can abort the process.
+    # A thread that ends while the interpreter finalizes can abort the process ("terminate called without an active
+    # exception"): the read-ahead thread is stopped now.
+    trainer.close()
     del trainer, log  # (log is a bound method of the trainer)
     gc.collect()
     if dist.is_initialized():

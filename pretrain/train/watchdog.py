@@ -41,10 +41,18 @@ class Watchdog(Callback):
         self.durations = (self.durations + [time.perf_counter() - self.step_started])[-20:]
 
     def on_run_end(self, trainer: Trainer) -> None:
-        self.done.set()
+        self.stop()
 
     def on_error(self, trainer: Trainer, error: BaseException) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """End the thread and wait for it: a thread still holding the trainer when the interpreter exits would free
+        the model there, during finalization, which aborts the process ("terminate called without an active
+        exception")."""
         self.done.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
 
     def _watch(self, trainer: Trainer) -> None:
         while not self.done.wait(1.0):

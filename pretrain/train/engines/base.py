@@ -93,12 +93,18 @@ class Engine:
         meta model with module k in it, and checkpoints only what module k trains."""
         cfg = self.cfg
         if cfg.assembly.phase == "incubate":
-            from pretrain.assembly.hybrid import build_hybrid, checkpoint_name, hybrid_config, incubation_flops_per_token
+            from pretrain.assembly.hybrid import (
+                build_hybrid,
+                checkpoint_name,
+                hybrid_config,
+                incubation_flops_per_token,
+            )
+            from pretrain.assembly.phases import meta_checkpoint
 
             self.checkpoint_names = lambda name: checkpoint_name(cfg, cfg.assembly.module, name)
             self.flops_per_token = incubation_flops_per_token(cfg)
             self.layout_cfg = hybrid_config(cfg)
-            return build_hybrid(cfg, self.device)
+            return build_hybrid(cfg, meta_checkpoint(cfg), self.device)
         model = build_model(cfg.model, cfg.train.seed, self.device)
         sg = cfg.model.ffn.self_guided
         if sg.enabled:
