@@ -30,10 +30,10 @@ from runner import REPO, metrics, train, validation, write  # noqa: E402
 CONFIG = "configs/quickstart.yaml"
 SCALES = {
     "toy": {"model": ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=0",
-                      "model.ffn_hidden_size=128", "tokenizer.vocab_size=600", "data.embedded_docs=120"],
+                      "model.ffn_hidden_size=128", "tokenizer.vocab_size=600", "data.embedded_docs=120", "train.precision=fp32"],
             "layers": 4, "modules": 2, "steps": 16, "seq": 64, "batch": 8, "eval": 4, "seeds": [1]},
     "cpu": {"model": ["model.hidden_size=128", "model.num_heads=4", "model.num_kv_heads=0",
-                      "model.ffn_hidden_size=352"],
+                      "model.ffn_hidden_size=352", "train.precision=fp32"],
             "layers": 8, "modules": 4, "steps": 600, "seq": 128, "batch": 16, "eval": 25, "seeds": [1234, 1235, 1236]},
     "gpu": {"model": ["model.hidden_size=1024", "model.num_heads=16", "model.num_kv_heads=0",
                       "model.ffn_hidden_size=2816", "train.precision=bf16", "train.compile=true",
@@ -78,7 +78,7 @@ def assemble(run_dir: Path, overrides: list[str], log=print) -> tuple[list[dict]
 def run(scale: str, out: Path, meta_share: float, incubation_share: float, log=print) -> dict:
     s = SCALES[scale]
     k = s["modules"]
-    common = [*s["model"], f"model.num_layers={s['layers']}", f"data.seq_len={s['seq']}",
+    common = [*s["model"], "model.tie_embeddings=false", f"model.num_layers={s['layers']}", f"data.seq_len={s['seq']}",
               f"data.micro_batch_size={s['batch']}", f"data.global_batch_size={s['batch']}",
               f"train.eval_interval={s['eval']}", "train.eval_iters=4", "train.log_interval=25", "checkpoint.interval=0",
               "checkpoint.keep=1", "optim.warmup_steps=20", f"tokenizer.path={out}/cache/tokenizer.model",

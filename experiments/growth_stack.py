@@ -23,10 +23,10 @@ from runner import REPO, first_reaching, train, validation, write  # noqa: E402
 
 SCALES = {
     "toy": {"model": ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=0",
-                      "model.ffn_hidden_size=128", "tokenizer.vocab_size=600", "data.embedded_docs=120"],
+                      "model.ffn_hidden_size=128", "tokenizer.vocab_size=600", "data.embedded_docs=120", "train.precision=fp32"],
             "layers": 4, "factor": 2, "steps": 12, "seq": 64, "batch": 8, "eval": 4, "seeds": [1]},
     "cpu": {"model": ["model.hidden_size=128", "model.num_heads=4", "model.num_kv_heads=0",
-                      "model.ffn_hidden_size=352"],
+                      "model.ffn_hidden_size=352", "train.precision=fp32"],
             "layers": 8, "factor": 4, "steps": 600, "seq": 128, "batch": 16, "eval": 25, "seeds": [1234, 1235, 1236]},
     "gpu": {"model": ["model.hidden_size=1024", "model.num_heads=16", "model.num_kv_heads=0",
                       "model.ffn_hidden_size=2816", "train.precision=bf16", "train.compile=true",

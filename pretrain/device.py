@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import platform
 import resource
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -185,6 +187,80 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float
                 break
         n *= 2
     return MatmulPeak(best, sizes)
+
+
+@dataclass
+class Bf16Probe:
+    native: bool  # bf16 matmuls run on hardware made for them (not emulated)
+    slowdown: float | None  # measured time of a bf16 matmul over an fp32 one of the same size (None: not timed)
+    how: str  # what decided, for the log
+
+
+def bf16_probe(device: torch.device) -> Bf16Probe:
+    """Whether bf16 matmuls are native here. A GPU says so itself; a CPU by its features (AVX512_BF16 or AMX; where
+    /proc/cpuinfo cannot say, by the timing) and a timed 512 x 512 matmul per dtype (well under a second), cached per
+    machine and torch version in ``$XDG_CACHE_HOME/pretrain`` (every rank of a node then decides alike)."""
+    if device.type == "cuda":
+        return Bf16Probe(torch.cuda.is_bf16_supported(), None, torch.cuda.get_device_name(device))
+    info = cpu_info()
+    key = f"{info['model']}|{','.join(info['features'])}|{torch.__version__}|{torch.get_num_threads()}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pretrain" / "bf16_probe.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = time_bf16_matmul()
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(known, indent=1) + "\n")
+    slowdown = float(known[key])
+    features = set(info["features"])
+    if Path("/proc/cpuinfo").is_file():
+        native = bool(features & {"avx512_bf16", "amx_bf16"})
+        how = f"{info['model']}: {'AVX512_BF16/AMX' if native else 'no AVX512_BF16 or AMX'}"
+    else:
+        native, how = slowdown < 1.2, f"{info['model']}: timed"
+    return Bf16Probe(native, slowdown, how)
+
+
+def time_bf16_matmul(n: int = 512, reps: int = 3, budget_s: float = 0.3) -> float:
+    """The best time of an n x n bf16 matmul over the best fp32 one on this CPU (below 1 where bf16 is native; near
+    1 below n = 512 either way, where torch computes small bf16 products in fp32). Stops repeating once the bf16
+    matmuls have taken ``budget_s`` (an emulated bf16 matmul of this size can take a fifth of a second)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = a.to(dtype), b.to(dtype)
+        times, spent = [], 0.0
+        for _ in range(reps + 1):  # the first is a warm-up
+            t0 = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t0)
+            spent += times[-1]
+            if spent > budget_s and len(times) > 1:
+                break
+        best[dtype] = min(times[1:] or times)
+    return best[torch.bfloat16] / max(best[torch.float32], 1e-9)
+
+
+def resolve_precision(requested: str, device: torch.device) -> tuple[str, str | None]:
+    """The precision a run uses for ``train.precision`` = ``requested`` on ``device``, and what to tell the user
+    (None: nothing). ``auto`` is bf16 where bf16 matmuls are native, else fp32; an explicit bf16 where they are
+    emulated is kept, with a warning and the measured slowdown."""
+    if requested == "fp32":
+        return "fp32", None
+    probe = bf16_probe(device)
+    slower = f"; a bf16 matmul measured {probe.slowdown:.1f}x the time of an fp32 one" if probe.slowdown else ""
+    if requested == "auto":
+        chosen = "bf16" if probe.native else "fp32"
+        return chosen, f"train.precision=auto: {chosen} ({probe.how}{slower})"
+    if not probe.native:
+        return "bf16", (f"warning: train.precision=bf16 on a device without native bf16 matmuls ({probe.how}{slower}): "
+                        "they are emulated and the run will be that much slower; train.precision=auto or fp32 "
+                        "trains faster here.")
+    return "bf16", None
 
 
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:

@@ -40,7 +40,7 @@ def test_float_written_without_dot_is_a_number(tmp_path):
     (None, "optim.lrr=1", "optim.lrr", "Did you mean 'lr'"),
     ("train:\n  max_steps: ten\n", None, "train.max_steps", "must be an integer"),
     (None, "logging.tensorboard=maybe", "logging.tensorboard", "true or false"),
-    (None, "train.precision=fp8", "train.precision", "allowed: fp32, bf16"),
+    (None, "train.precision=fp8", "train.precision", "allowed: auto, fp32, bf16"),
     (None, "data.global_batch_size=10", "data.global_batch_size", "multiple of micro_batch_size"),
     (None, "model.num_heads=5", "model.num_heads", "not divisible"),
     (None, "optim.lr=-1", "optim.lr", "must lie in (0, 1]"),

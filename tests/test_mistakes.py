@@ -71,7 +71,7 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("override below a key", [*train, "train.max_steps.x=1"], "is a value, not a section"),
         ("integer expected", [*train, "train.max_steps=ten"], "must be an integer"),
         ("boolean expected", [*train, "train.compile=maybe"], "true or false"),
-        ("choice not allowed", [*train, "train.precision=fp8"], "allowed: fp32, bf16"),
+        ("choice not allowed", [*train, "train.precision=fp8"], "allowed: auto, fp32, bf16"),
         ("infinite learning rate", [*train, "optim.lr=.inf"], "finite number"),
         ("absurd learning rate", [*train, "optim.lr=1e6"], "typical values"),
         ("negative epsilon", [*train, "optim.eps=-1e-8"], "optim.eps"),

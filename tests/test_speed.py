@@ -116,7 +116,7 @@ def test_profile_writes_a_trace_of_the_recorded_steps(tiny_cfg):
 def test_bench_cli_against_hf_writes_ratio_json(tiny_overrides, tmp_path):
     out = tmp_path / "bench.json"
     result = run_cli("bench", "configs/bench_small.yaml", *tiny_overrides, "model.vocab_size=640", "train.compile=false",
-                     "--against", "hf", "--steps", "2", "--warmup", "1", "--out", str(out),
+                     "train.precision=bf16", "--against", "hf", "--steps", "2", "--warmup", "1", "--out", str(out),
                      "--profile", str(tmp_path / "prof"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "speedup ours/hf" in result.stdout and "MFU" in result.stdout
@@ -128,6 +128,10 @@ def test_bench_cli_against_hf_writes_ratio_json(tiny_overrides, tmp_path):
     assert data["speedup"] == pytest.approx(data["ours"]["tokens_per_s"] / data["hf"]["tokens_per_s"])
     assert data["hf"]["model_class"] == "LlamaForCausalLM" and data["hf"]["attn_implementation"] == "sdpa"
     assert data["settings"]["precision"] == {"ours": "bf16", "hf": "bf16"}
+    from pretrain.device import bf16_probe
+
+    # bf16 where it is emulated runs, and says so with the measured slowdown
+    assert ("without native bf16 matmuls" in result.stdout) == (not bf16_probe(torch.device("cpu")).native)
     for name in ("ours", "hf"):  # --profile: a trace per variant, where the time went in the JSON and printed
         trace = json.loads((tmp_path / "prof" / f"{name}.trace.json").read_text())
         assert any("aten::mm" in e.get("name", "") for e in trace["traceEvents"])

@@ -139,9 +139,13 @@ def run_bench(cfg: RunConfig, *, against: str | None = None, steps: int = 10, wa
         raise UserError("pretrain bench uses random token ids and no tokenizer: set model.vocab_size.")
     if cfg.parallel.world_size > 1:
         raise UserError("pretrain bench runs one process; set parallel.dp_replicate, dp_shard, tp, ep and pp to 1.")
-    precision = {"ours": cfg.train.precision,
-                 "hf": cfg.train.precision if hf_precision == "same" else hf_precision}
+    resolved, note = devices.resolve_precision(cfg.train.precision, devices.resolve(cfg.train.device))
+    if note:
+        log(note)
+    cfg = cfg.replace(train={"precision": resolved})
+    precision = {"ours": resolved, "hf": resolved if hf_precision == "same" else hf_precision}
     names = ["ours"] + (["hf"] if against == "hf" else [])
+    log(f"building {' and '.join(names)} ({', '.join(f'{n} {precision[n]}' for n in names)}) ...")
     engines = {"ours": our_engine(cfg)}
     device = engines["ours"].device
     if against == "hf":

@@ -107,7 +107,7 @@ def _check_pipeline(cfg: RunConfig) -> None:
                 f"{p.pp_schedule} puts both ends of the tied embedding on one rank, where it stays a plain tensor "
                 f"beside the FSDP-sharded weights, and {cfg.optim.impl} kernels cannot mix the two; use "
                 "optim.impl=auto or for_loop, a looped schedule, or untie the embeddings.")
-        require(p.param_dtype == "fp32" or tr.precision == "bf16", "parallel.param_dtype",
+        require(p.param_dtype == "fp32" or tr.precision in ("bf16", "auto"), "parallel.param_dtype",
                 f"{p.pp_schedule} puts both ends of the tied embedding on one rank, where FSDP leaves it whole "
                 "and in fp32: only autocast (train.precision=bf16) matches it with bf16 gathered weights; set "
                 "train.precision=bf16, use a looped schedule, or untie the embeddings.")

@@ -48,7 +48,10 @@ class TrainConfig:
     resume: str = option("auto", "auto (newest complete checkpoint in run_dir), never (a new run; refused where one "
                          "exists), overwrite (a new run replacing the old one's checkpoints and logs), or a checkpoint "
                          "directory.")
-    precision: Literal["fp32", "bf16"] = option("fp32", "bf16 = autocast matmuls to bfloat16 with fp32 master weights.")
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "bf16 = autocast matmuls to bfloat16 with fp32 master weights; auto = bf16 where the device has native "
+        "bf16 matmuls (GPUs that support it, CPUs with AVX512_BF16 or AMX), else fp32 (written resolved to "
+        "RUN_DIR/config.yaml).")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available, else cpu.")
     compile: bool = option(False, "torch.compile every block (regional) and the loss, after the parallel layout is applied.")
     activation_checkpointing: Literal["none", "full", "selective"] = option(

@@ -79,7 +79,11 @@ class Trainer:
         self.tokenizer = ensure_tokenizer(cfg, self.log)
         blend = ensure_data(cfg, self.tokenizer, self.log)
         # The run's config (all its growth stages); ``self.cfg`` is the config of the stage the run is in.
-        self.run_cfg = cfg = resolve(cfg, self.tokenizer.vocab_size if self.tokenizer is not None else None)
+        cfg = resolve(cfg, self.tokenizer.vocab_size if self.tokenizer is not None else None)
+        precision, note = devices.resolve_precision(cfg.train.precision, self.device)
+        if note:
+            self.log(note)
+        self.run_cfg = cfg = cfg.replace(train={"precision": precision}) if precision != cfg.train.precision else cfg
         self._enter_stage(0)
 
         d, tr = cfg.data, cfg.train
