@@ -115,3 +115,24 @@ def test_growth_stages_are_checked_at_load(tiny_cfg):
         tiny_cfg("growth=[{at_step: 5, parallel: {pipeline: 2}}]")
     with pytest.raises(ConfigError, match="growth\\[0\\].experts"):
         tiny_cfg("growth=[{at_step: 5, op: upcycle}]")
+
+
+@pytest.mark.slow
+def test_zero_growth_in_place_equals_the_operator(tiny_overrides, tmp_path):
+    """Growth in place (each rank reads its shards) gives what the operator computes in memory, scaled LNS norms and
+    zeroed output projections included."""
+    from pretrain.growth.operators import grow_depth
+    from pretrain.train.trainer import run_training
+
+    lines = []
+    cfg = load_config(None, [*tiny_overrides, *STEPS, "model.norm_scaling=lns", "train.max_steps=4",
+                             "growth=[{at_step: 3, op: zero, factor: 2}]"])
+    run_training(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert any("by zero (every rank read its shards" in line for line in lines)
+    small = pretrain.load_model(tmp_path / "run" / "growth" / "stage0" / "step_0000003")
+    expected = grow_depth(small.state_dict(), small.cfg, "zero", factor=2, seed=cfg.train.seed)
+    grown = pretrain.load_model(tmp_path / "run" / "checkpoints" / "step_0000003").state_dict()
+    assert set(grown) == set(expected.state)
+    for name, tensor in grown.items():
+        assert torch.equal(tensor, expected.state[name]), name
+    assert any(v not in (None,) and v[1] != 1.0 for v in expected.origin.values())  # some norms were rescaled

@@ -30,7 +30,7 @@ import torch
 
 from pretrain.config import ModelConfig, MoEConfig
 from pretrain.models.block import is_moe_block, placement
-from pretrain.models.transformer import build_model
+from pretrain.models.transformer import Transformer, build_model
 
 DEPTH_OPS = ("stack", "interpolate", "zero", "random")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
@@ -69,10 +69,15 @@ def depth_map(op: str, source_layers: int, target_layers: int) -> list[int | Non
     raise GrowthError(f"unknown depth operator {op!r}; use one of {', '.join(DEPTH_OPS)}.")
 
 
-def grow_depth(state: dict[str, torch.Tensor], cfg: ModelConfig, op: str, num_layers: int | None = None,
-               factor: int | None = None, layers: list[int | None] | None = None, seed: int = 0) -> Grown:
-    """The source's blocks placed at the target depth (``num_layers``, or ``factor`` x the source's) by ``op``, or
-    by ``layers`` (a map as ``depth_map`` returns). Embedding, final norm and head are copied."""
+Plan = dict[str, "tuple[str, float] | str | None"]  # target name -> (source name, scale), "zero", or None (new)
+
+
+def depth_plan(cfg: ModelConfig, op: str, num_layers: int | None = None, factor: int | None = None,
+               layers: list[int | None] | None = None) -> tuple[ModelConfig, Plan]:
+    """Where each tensor of the deeper model comes from, by names alone (no weights are touched): a source tensor and
+    the factor it is scaled by, ``"zero"`` (an output projection of a new block under ``zero``), or None (a new
+    tensor, initialised by its name and the seed). The target depth is ``num_layers``, or ``factor`` x the
+    source's, filled by ``op``, or by ``layers`` (a map as ``depth_map`` returns)."""
     L = cfg.num_layers
     if layers is None:
         target = num_layers or L * (factor or 4)
@@ -84,25 +89,40 @@ def grow_depth(state: dict[str, torch.Tensor], cfg: ModelConfig, op: str, num_la
     new_blocks = [j for j, s in enumerate(layers) if s is None]
     if op == "zero" and new_blocks:
         _require_identity_blocks(tcfg, new_blocks)
-    out = fresh_state(tcfg, seed)
-    origin: dict[str, tuple[str, float] | None] = dict.fromkeys(out)
-    for name in out:
+    with torch.device("meta"):
+        source_names, target_names = set(Transformer(cfg).state_dict()), list(Transformer(tcfg).state_dict())
+    plan: Plan = {}
+    for name in target_names:
         match = _BLOCK.match(name)
         if match is None:  # embedding, final norm, head
-            out[name], origin[name] = state[name].clone(), (name, 1.0)
+            plan[name] = (name, 1.0)
             continue
         j, rest = int(match.group(1)), match.group(2)
         source = layers[j]
         if source is None:
-            if op == "zero" and _is_output_projection(rest):
-                out[name].zero_()
+            plan[name] = "zero" if op == "zero" and _is_output_projection(rest) else None
             continue
         key = f"blocks.{source}.{rest}"
-        if key not in state:
+        if key not in source_names:
             raise GrowthError(f"target tensor {name} has no counterpart {key} in the source: the block kinds differ at "
                               "that depth (MoE on every n-th block, dense first blocks); pick a map that keeps them.")
-        scale = _lns_compensation(cfg, source, j, rest) if op == "zero" else 1.0
-        out[name], origin[name] = state[key].clone() * scale if scale != 1.0 else state[key].clone(), (key, scale)
+        plan[name] = (key, _lns_compensation(cfg, source, j, rest) if op == "zero" else 1.0)
+    return tcfg, plan
+
+
+def grow_depth(state: dict[str, torch.Tensor], cfg: ModelConfig, op: str, num_layers: int | None = None,
+               factor: int | None = None, layers: list[int | None] | None = None, seed: int = 0) -> Grown:
+    """The source's blocks placed at the target depth (see ``depth_plan``) as tensors in memory: embedding, final
+    norm and head copied, new blocks initialised by name and seed."""
+    tcfg, plan = depth_plan(cfg, op, num_layers, factor, layers)
+    out = fresh_state(tcfg, seed)
+    origin: dict[str, tuple[str, float] | None] = dict.fromkeys(out)
+    for name, how in plan.items():
+        if how == "zero":
+            out[name].zero_()
+        elif how is not None:
+            key, scale = how
+            out[name], origin[name] = state[key].clone() * scale if scale != 1.0 else state[key].clone(), (key, scale)
     return Grown(tcfg, out, origin)
 
 

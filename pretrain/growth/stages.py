@@ -76,10 +76,72 @@ class GrowthStages(Callback):
             trainer.grow()
 
 
-def grow_saved(run_cfg: RunConfig, stage: int, saved: Path, ckpt_root: Path, record_dir: Path, config_yaml: str,
+def in_place(run_cfg: RunConfig, stage: int) -> bool:
+    """Whether growth into ``stage`` runs on every rank, each reading the shards it holds (the depth operators: each
+    grown tensor is a source tensor, scaled, or new), or on one process (width and upcycling slice and copy)."""
+    return run_cfg.growth[stage - 1].op in DEPTH_OPS
+
+
+def move_to_record(saved: Path, record_dir: Path) -> None:
+    """Keep the small model's last checkpoint as the stage's record (rank 0)."""
+    record_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(record_dir, ignore_errors=True)
+    shutil.move(str(saved), str(record_dir))
+
+
+def grown_state(run_cfg: RunConfig, stage: int, record_dir: Path) -> dict:
+    """The trainer state the grown stage starts with: the small model's, with the growth recorded."""
+    from pretrain.train import checkpoint
+
+    small, grown = stage_config(run_cfg, stage - 1), stage_config(run_cfg, stage)
+    state = checkpoint.read_state(record_dir)
+    state.pop("callbacks", None)
+    record = {"op": run_cfg.growth[stage - 1].op, "from": str(record_dir), "at_step": state["step"],
+              "tokens": state["tokens"], "params_before": num_params(small.model),
+              "params_after": num_params(grown.model), "flops_before": state["flops"]}
+    return {**state, "stage": stage, "growth": [*state.get("growth", []), record]}
+
+
+def load_grown(run_cfg: RunConfig, stage: int, model: torch.nn.Module, record_dir: Path) -> None:
+    """Fill ``model`` (the grown stage's, built under its layout: new tensors initialised by name and seed) from the
+    small model's checkpoint ``record_dir``: every rank reads the shards of the tensors it holds (no rank holds the
+    whole model), a source tensor that fills k grown ones in k reads; then the scaled and zeroed tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    from pretrain.growth.operators import GrowthError, depth_plan
+    from pretrain.train import checkpoint
+
+    spec = spec_of(run_cfg.growth[stage - 1])
+    small, grown = stage_config(run_cfg, stage - 1).model, stage_config(run_cfg, stage).model
+    try:
+        tcfg, plan = depth_plan(small, spec.op, spec.num_layers, spec.factor)
+    except GrowthError as e:
+        raise UserError(f"cannot grow with {spec.op}: {e}") from None
+    if tcfg != grown:
+        raise UserError(f"growth[{stage - 1}] produced model {tcfg}, not the configured {grown}.")
+    reads: list[dict[str, str]] = []  # each read names every source tensor at most once
+    for name, how in plan.items():
+        if isinstance(how, tuple):
+            free = next((r for r in reads if how[0] not in r.values()), None)
+            if free is None:
+                reads.append(free := {})
+            free[name] = how[0]
+    for read in reads:
+        checkpoint.load_dcp(record_dir, model, None, names=lambda name, read=read: read.get(name))
+    local = get_state_dict(model, [])[0]
+    changed = {}
+    for name, how in plan.items():
+        if name in local and (how == "zero" or (isinstance(how, tuple) and how[1] != 1.0)):
+            changed[name] = torch.zeros_like(local[name]) if how == "zero" else local[name] * how[1]
+    if changed:
+        set_state_dict(model, [], model_state_dict=changed, optim_state_dict={},
+                       options=StateDictOptions(strict=False))
+
+
+def grow_saved(run_cfg: RunConfig, stage: int, record_dir: Path, ckpt_root: Path, config_yaml: str,
                keep: int) -> Path:
-    """On one process (rank 0): the small model's checkpoint ``saved`` moves to ``record_dir`` (kept as the record
-    of the stage), and the grown model with a fresh AdamW state becomes the checkpoint of the same step."""
+    """On one process (rank 0), for the operators that do not grow in place: the small model in ``record_dir`` grown
+    in memory, saved with a fresh AdamW state as the checkpoint of the same step."""
     from pretrain.api import load_model
     from pretrain.models.transformer import build_model
     from pretrain.train import checkpoint
@@ -87,9 +149,6 @@ def grow_saved(run_cfg: RunConfig, stage: int, saved: Path, ckpt_root: Path, rec
 
     small = stage_config(run_cfg, stage - 1)
     grown_cfg = stage_config(run_cfg, stage)
-    record_dir.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(record_dir, ignore_errors=True)
-    shutil.move(str(saved), str(record_dir))
     grown = apply(spec_of(run_cfg.growth[stage - 1]), load_model(record_dir).state_dict(), small.model,
                   run_cfg.train.seed)
     if grown.cfg != grown_cfg.model:
@@ -97,12 +156,7 @@ def grow_saved(run_cfg: RunConfig, stage: int, saved: Path, ckpt_root: Path, rec
     model = build_model(grown.cfg, run_cfg.train.seed)
     model.load_state_dict(grown.state, strict=True)
     optimizer = build_optimizer(model, grown_cfg.optim)
-    state = checkpoint.read_state(record_dir)
-    state.pop("callbacks", None)
-    record = {"op": run_cfg.growth[stage - 1].op, "from": str(record_dir), "at_step": state["step"],
-              "tokens": state["tokens"], "params_before": num_params(small.model),
-              "params_after": num_params(grown_cfg.model), "flops_before": state["flops"]}
-    state = {**state, "stage": stage, "growth": [*state.get("growth", []), record]}
+    state = grown_state(run_cfg, stage, record_dir)
     return checkpoint.save(ckpt_root, state["step"], lambda d: checkpoint.save_dcp(d, model, optimizer, no_dist=True),
                            state, config_yaml, keep, single_process=True)
 

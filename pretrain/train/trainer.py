@@ -23,7 +23,17 @@ from pretrain.data.loader import GlobalBatches, MicroBatch, build_datasets, read
 from pretrain.data.prepare import ensure_data, ensure_tokenizer
 from pretrain.errors import RankFailure, UserError
 from pretrain.generate import generate
-from pretrain.growth.stages import GrowthStages, grow_saved, stage_at, stage_bounds, stage_config
+from pretrain.growth.stages import (
+    GrowthStages,
+    grow_saved,
+    grown_state,
+    in_place,
+    load_grown,
+    move_to_record,
+    stage_at,
+    stage_bounds,
+    stage_config,
+)
 from pretrain.models.transformer import num_params
 from pretrain.parallel import mesh
 from pretrain.paths import require_writable_dir
@@ -222,17 +232,27 @@ class Trainer:
             raise UserError(f"cannot grow after step {step}: its checkpoint was not written (see above); the run "
                             "stops so as not to grow a model it could not save.")
         self.enter(f"growth into stage {stage} after step {step}")
+        if self.dims.is_parallel:  # every rank has looked at the checkpoint before rank 0 moves it
+            dist.barrier()
+        record = self.run_dir / "growth" / f"stage{stage - 1}" / f"step_{step:07d}"
+        grown_yaml = stage_config(self.run_cfg, stage).to_yaml()
         if self.rank == 0:
-            record = self.run_dir / "growth" / f"stage{stage - 1}" / f"step_{step:07d}"
-            grow_saved(self.run_cfg, stage, saved, self.ckpt_root, record,
-                       stage_config(self.run_cfg, stage).to_yaml(), self.cfg.checkpoint.keep)
+            move_to_record(saved, record)
+            if not in_place(self.run_cfg, stage):
+                grow_saved(self.run_cfg, stage, record, self.ckpt_root, grown_yaml, self.cfg.checkpoint.keep)
         if self.dims.is_parallel:
             dist.barrier()
         self.engine = None  # the small model's memory goes before the grown one is built
         gc.collect()
         self._enter_stage(stage)
         self.engine = build_engine(self.cfg, self.dims, self.device, step)
-        state = checkpoint.load(saved, self.engine.load_state)
+        if in_place(self.run_cfg, stage):  # every rank reads its shards of the small model; the grown one is saved
+            load_grown(self.run_cfg, stage, self.engine.model, record)
+            state = grown_state(self.run_cfg, stage, record)
+            checkpoint.save(self.ckpt_root, step, self.engine.save_state, state, self.config_yaml,
+                            self.cfg.checkpoint.keep)
+        else:
+            state = checkpoint.load(saved, self.engine.load_state)
         state.pop("callbacks", None)
         self.state.clear()
         self.state.update(state)
@@ -240,7 +260,8 @@ class Trainer:
         self.engine.model.train()
         self.callbacks_call("on_load_checkpoint", step, saved)
         faults.reached("growth.after", step)
-        self.log(f"grew after step {step} by {self.run_cfg.growth[stage - 1].op}: {num_params(self.cfg.model) / 1e6:.2f}M "
+        how = "every rank read its shards of the small model" if in_place(self.run_cfg, stage) else "on one process"
+        self.log(f"grew after step {step} by {self.run_cfg.growth[stage - 1].op} ({how}): {num_params(self.cfg.model) / 1e6:.2f}M "
                  f"parameters, {self.cfg.model.num_layers} blocks, layout {self._layout()}")
 
     def _layout(self) -> str:
