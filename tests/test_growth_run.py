@@ -91,6 +91,32 @@ def test_growth_from_a_parallel_checkpoint_equals_growth_from_one_process(layout
 
 
 @pytest.mark.slow
+def test_growth_under_torchrun_reads_shards_and_equals_one_process(layouts, tmp_path):
+    """`torchrun -m pretrain grow` builds the grown model under the target's layout (here tp2, from a pp2 checkpoint)
+    and every rank reads only its shards: the same tensors as growth in one process."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    source = layouts / "pp2" / "checkpoints" / "step_0000002"
+    target = load_config(source / "config.yaml", ["parallel.pp=1", "parallel.tp=2", "model.num_layers=5"])
+    (tmp_path / "target.yaml").write_text(target.to_yaml())
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "pretrain", "grow", str(source), str(tmp_path / "sharded"), "--op", "interpolate",
+                             "--num-layers", "5", "--config", str(tmp_path / "target.yaml")], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 processes, each holding its shards" in result.stdout
+    grow_checkpoint(source, tmp_path / "one", GrowthSpec("interpolate", num_layers=5), log=quiet)
+    a = pretrain.load_model(tmp_path / "sharded").state_dict()
+    b = pretrain.load_model(tmp_path / "one").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_config(tmp_path / "sharded" / "config.yaml").parallel.tp == 2
+
+
+@pytest.mark.slow
 def test_carried_moments_follow_the_copied_weights(tiny_cfg, tmp_path):
     from pretrain.models.transformer import build_model
     from pretrain.train.optim import build_optimizer

@@ -1,20 +1,32 @@
 """``pretrain grow SRC DST``: a checkpoint grown into a new run directory that ``pretrain train`` continues from.
 
-The source may come from any layout (checkpoints are keyed by global names; it is read resharded into one
-process on the CPU, so the host needs the source and the grown weights in memory at once). The grown run starts
+The source may come from any layout (checkpoints are keyed by global names). In one process it is read resharded
+into the CPU's memory, source and grown weights at once; under torchrun the depth operators build the grown model
+under the target config's layout and every rank reads only the shards it holds, so no rank holds the whole model. The grown run starts
 with a fresh AdamW state and LR schedule (step 0) unless ``carry_optimizer``, and reads the data from where the
 small model stopped; its trainer state carries the tokens and FLOPs spent so far and a record of every growth."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from pretrain.config import ModelConfig, MoEConfig, RunConfig, load_config
 from pretrain.errors import UserError
-from pretrain.growth.operators import DEPTH_OPS, Grown, GrowthError, grow_depth, grow_width, upcycle
+from pretrain.growth.operators import (
+    DEPTH_OPS,
+    Grown,
+    GrowthError,
+    Plan,
+    depth_plan,
+    grow_depth,
+    grow_width,
+    upcycle,
+)
 from pretrain.models.structured import set_guided_phase
 from pretrain.models.transformer import build_model, flops_per_token, num_params
 from pretrain.paths import require_writable_dir
@@ -72,6 +84,8 @@ def grow_checkpoint(source: str | Path, destination: str | Path, spec: GrowthSpe
         raise UserError(f"'{step_dir}' is inside its self-guided phase (step {state['step']} of "
                         f"{src_cfg.guided_steps}), where every structured layer still carries a dense guide; grow "
                         "before the phase or after it.")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _grow_sharded(step_dir, dst, spec, src_cfg, state, target_config, carry_optimizer, log)
     model_cfg, weights = src_cfg.model, load_model(step_dir).state_dict()
     if sg.enabled:  # (after the guided phase: refused within it)
         model_cfg, weights = _plain_structured(model_cfg, weights)
@@ -84,18 +98,88 @@ def grow_checkpoint(source: str | Path, destination: str | Path, spec: GrowthSpe
     optimizer = build_optimizer(target, cfg.optim)
     if carry_optimizer:
         _carry_moments(step_dir, src_cfg, grown, target, optimizer, log)
-    fpt = flops_per_token(src_cfg.model, src_cfg.data.seq_len)
-    record = {"op": spec.op, "from": str(step_dir), "at_step": state["step"], "tokens": state["tokens"],
-              "params_before": num_params(src_cfg.model), "params_after": num_params(cfg.model),
-              "flops_before": state.get("flops", state["tokens"] * fpt)}
-    new_state = {"step": 0, "consumed_samples": state["consumed_samples"], "tokens": state["tokens"],
-                 "flops": record["flops_before"], "growth": [*state.get("growth", []), record]}
+    new_state = _grown_state(step_dir, src_cfg, cfg, spec, state)
+    record = new_state["growth"][-1]
     (dst / "config.yaml").write_text(cfg.to_yaml())
     path = checkpoint.save(dst / "checkpoints", 0, lambda d: checkpoint.save_dcp(d, target, optimizer), new_state,
                            cfg.to_yaml(), keep=1)
     log(f"grew {step_dir} ({record['params_before'] / 1e6:.2f}M parameters, {cfg.model.num_layers} blocks now "
         f"from {src_cfg.model.num_layers}) by {spec.op} -> {path} ({record['params_after'] / 1e6:.2f}M parameters)")
     return path
+
+
+def load_planned(plan: Plan, model: torch.nn.Module, source: Path) -> None:
+    """Fill ``model`` (the grown model, built under any layout with its new tensors initialised by name and seed) as
+    ``plan`` (``operators.depth_plan``) says, from the checkpoint ``source``: every rank reads the shards of the
+    tensors it holds, so no rank ever holds the whole model; a source tensor that fills k grown ones is read in k
+    passes. Then the scaled and the zeroed tensors."""
+    reads: list[dict[str, str]] = []  # each pass names every source tensor at most once
+    for name, how in plan.items():
+        if isinstance(how, tuple):
+            free = next((r for r in reads if how[0] not in r.values()), None)
+            if free is None:
+                reads.append(free := {})
+            free[name] = how[0]
+    for read in reads:
+        checkpoint.load_dcp(source, model, None, names=lambda name, read=read: read.get(name))
+    local = get_state_dict(model, [])[0]
+    changed = {name: torch.zeros_like(local[name]) if how == "zero" else local[name] * how[1]
+               for name, how in plan.items()
+               if name in local and (how == "zero" or (isinstance(how, tuple) and how[1] != 1.0))}
+    if changed:
+        set_state_dict(model, [], model_state_dict=changed, optim_state_dict={}, options=StateDictOptions(strict=False))
+
+
+def _grow_sharded(step_dir: Path, dst: Path, spec: GrowthSpec, src_cfg: RunConfig, state: dict,
+                  target_config: str | Path | None, carry_optimizer: bool, log) -> Path:
+    """``grow_checkpoint`` under torchrun: the grown model is built under the target config's layout and filled by
+    every rank from the shards it holds (depth operators)."""
+    import torch.distributed as dist
+
+    from pretrain import device as devices
+    from pretrain.parallel import mesh
+    from pretrain.train.engines import build_engine
+
+    world = int(os.environ["WORLD_SIZE"])
+    if spec.op not in DEPTH_OPS or carry_optimizer or src_cfg.model.ffn.self_guided.enabled:
+        raise UserError(f"under torchrun, `pretrain grow` grows depth (stack, interpolate, zero, random) with a fresh "
+                        f"optimizer, each rank reading its shards; {spec.op if spec.op not in DEPTH_OPS else 'this'} "
+                        "growth (width, upcycle, --carry-optimizer, self-guided models) runs in one process: run it "
+                        "without torchrun.")
+    try:
+        tcfg, plan = depth_plan(src_cfg.model, spec.op, spec.num_layers, spec.factor, spec.layers)
+    except GrowthError as e:
+        raise UserError(f"cannot grow with {spec.op}: {e}") from None
+    cfg = _target_run_config(src_cfg, tcfg, target_config, dst)
+    if cfg.parallel.world_size != world:
+        raise UserError(f"{world} processes started, but the grown run's layout needs {cfg.parallel.world_size}; give "
+                        "--config a target config whose parallel section uses them all, or start that many.")
+    dims, device = mesh.setup(cfg.parallel, devices.resolve(cfg.train.device))
+    if dims.rank == 0:
+        require_writable_dir(dst, "the growth's destination")
+    dist.barrier()
+    engine = build_engine(cfg, dims, device, 0)
+    load_planned(plan, engine.model, step_dir)
+    new_state = _grown_state(step_dir, src_cfg, cfg, spec, state)
+    if dims.rank == 0:
+        (dst / "config.yaml").write_text(cfg.to_yaml())
+    path = checkpoint.save(dst / "checkpoints", 0, engine.save_state, new_state, cfg.to_yaml(), keep=1)
+    if dims.rank == 0:
+        log(f"grew {step_dir} by {spec.op} on {world} processes, each holding its shards -> {path} "
+            f"({num_params(cfg.model) / 1e6:.2f}M parameters, {cfg.model.num_layers} blocks)")
+    del engine
+    dist.destroy_process_group()
+    return path
+
+
+def _grown_state(step_dir: Path, src_cfg: RunConfig, cfg: RunConfig, spec: GrowthSpec, state: dict) -> dict:
+    """The grown run's starting trainer state: step 0, the data position and the compute spent, with the growth."""
+    fpt = flops_per_token(src_cfg.model, src_cfg.data.seq_len)
+    record = {"op": spec.op, "from": str(step_dir), "at_step": state["step"], "tokens": state["tokens"],
+              "params_before": num_params(src_cfg.model), "params_after": num_params(cfg.model),
+              "flops_before": state.get("flops", state["tokens"] * fpt)}
+    return {"step": 0, "consumed_samples": state["consumed_samples"], "tokens": state["tokens"],
+            "flops": record["flops_before"], "growth": [*state.get("growth", []), record]}
 
 
 def _plain_structured(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict]:

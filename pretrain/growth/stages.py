@@ -16,7 +16,7 @@ from pretrain.config import GrowthStage, ModelConfig, MoEConfig, RunConfig
 from pretrain.config.loading import build
 from pretrain.config.parallel import ParallelConfig
 from pretrain.errors import UserError
-from pretrain.growth.offline import GrowthSpec, apply
+from pretrain.growth.offline import GrowthSpec, apply, load_planned
 from pretrain.growth.operators import DEPTH_OPS
 from pretrain.models.transformer import num_params
 from pretrain.train.callbacks import Callback
@@ -103,13 +103,9 @@ def grown_state(run_cfg: RunConfig, stage: int, record_dir: Path) -> dict:
 
 
 def load_grown(run_cfg: RunConfig, stage: int, model: torch.nn.Module, record_dir: Path) -> None:
-    """Fill ``model`` (the grown stage's, built under its layout: new tensors initialised by name and seed) from the
-    small model's checkpoint ``record_dir``: every rank reads the shards of the tensors it holds (no rank holds the
-    whole model), a source tensor that fills k grown ones in k reads; then the scaled and zeroed tensors."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-
+    """Fill ``model`` (the grown stage's, built under its layout) from the small model's checkpoint ``record_dir``,
+    every rank reading only what it holds (``offline.load_planned``)."""
     from pretrain.growth.operators import GrowthError, depth_plan
-    from pretrain.train import checkpoint
 
     spec = spec_of(run_cfg.growth[stage - 1])
     small, grown = stage_config(run_cfg, stage - 1).model, stage_config(run_cfg, stage).model
@@ -119,23 +115,7 @@ def load_grown(run_cfg: RunConfig, stage: int, model: torch.nn.Module, record_di
         raise UserError(f"cannot grow with {spec.op}: {e}") from None
     if tcfg != grown:
         raise UserError(f"growth[{stage - 1}] produced model {tcfg}, not the configured {grown}.")
-    reads: list[dict[str, str]] = []  # each read names every source tensor at most once
-    for name, how in plan.items():
-        if isinstance(how, tuple):
-            free = next((r for r in reads if how[0] not in r.values()), None)
-            if free is None:
-                reads.append(free := {})
-            free[name] = how[0]
-    for read in reads:
-        checkpoint.load_dcp(record_dir, model, None, names=lambda name, read=read: read.get(name))
-    local = get_state_dict(model, [])[0]
-    changed = {}
-    for name, how in plan.items():
-        if name in local and (how == "zero" or (isinstance(how, tuple) and how[1] != 1.0)):
-            changed[name] = torch.zeros_like(local[name]) if how == "zero" else local[name] * how[1]
-    if changed:
-        set_state_dict(model, [], model_state_dict=changed, optim_state_dict={},
-                       options=StateDictOptions(strict=False))
+    load_planned(plan, model, record_dir)
 
 
 def grow_saved(run_cfg: RunConfig, stage: int, record_dir: Path, ckpt_root: Path, config_yaml: str,
