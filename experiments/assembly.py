@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import REPO, metrics, train, validation, write  # noqa: E402
+from runner import REPO, metrics, plot_curves, run_pretrain, train, validation, wall_seconds, write  # noqa: E402
 
 CONFIG = "configs/quickstart.yaml"
 SCALES = {
@@ -61,18 +58,16 @@ def phase_flops(overrides: list[str]) -> dict:
 def assemble(run_dir: Path, overrides: list[str], log=print) -> tuple[list[dict], dict]:
     """`pretrain assemble run` (the incubations one after another) unless finished; the join's metrics and the wall
     times (ROOT/assembly.json)."""
-    done = run_dir / "done.json"
-    if not done.is_file():
-        t0 = time.perf_counter()
-        log(f"  assembling {run_dir.name} ...")
-        result = subprocess.run([sys.executable, "-m", "pretrain", "assemble", "run", CONFIG, *overrides,
-                                 f"train.run_dir={run_dir}", "logging.tensorboard=false"], cwd=REPO,
-                                capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if result.returncode != 0:
-            raise RuntimeError(f"run {run_dir} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-        done.write_text(json.dumps({"seconds": time.perf_counter() - t0}))
-        log(f"  {run_dir.name}: {time.perf_counter() - t0:.0f} s")
+    run_pretrain(run_dir, ["assemble", "run", CONFIG, *overrides, f"train.run_dir={run_dir}",
+                           "logging.tensorboard=false"], log)
     return metrics(run_dir / "join"), json.loads((run_dir / "assembly.json").read_text())
+
+
+def join_start(records: list[dict]) -> float:
+    """The FLOPs spent before the join's first step (the meta model's and the incubations')."""
+    steps = [r for r in records if "loss" in r]
+    per_step = steps[1]["flops"] - steps[0]["flops"] if len(steps) > 1 else 0.0
+    return steps[0]["flops"] - per_step
 
 
 def run(scale: str, out: Path, meta_share: float, incubation_share: float, log=print) -> dict:
@@ -108,11 +103,12 @@ def run(scale: str, out: Path, meta_share: float, incubation_share: float, log=p
         incubations = [per[f"module {m}"] for m in range(1, k + 1) if f"module {m}" in per]
         seeds[seed] = {"end_to_end_final_val_loss": e2e[-1][1], "assembled_final_val_loss": joined[-1][1],
                        "end_to_end_flops": e2e[-1][0], "assembled_flops": joined[-1][0],
-                       "end_to_end_wall_s": json.loads((e2e_dir / "done.json").read_text())["seconds"],
+                       "end_to_end_wall_s": wall_seconds(e2e_dir),
                        "assembled_wall_s": times["total_s"],
                        "assembled_wall_s_incubations_at_once": times.get("meta_s", 0.0)
                        + (max(incubations) if incubations else 0.0) + times["join_s"],
-                       "phase_wall_s": per, "end_to_end_curve": e2e, "assembled_curve": joined}
+                       "phase_wall_s": per, "join_start_flops": join_start(join),
+                       "end_to_end_curve": e2e, "assembled_curve": joined}
     finals = {name: [v[f"{name}_final_val_loss"] for v in seeds.values()] for name in ("end_to_end", "assembled")}
     result = {"scale": scale, "settings": s, "meta_share": meta_share, "incubation_share": incubation_share,
               "steps": steps, "budget_flops": budget, "flops_per_token": fpt, "seeds": seeds, "final_val_loss": finals,
@@ -125,31 +121,13 @@ def run(scale: str, out: Path, meta_share: float, incubation_share: float, log=p
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for i, r in enumerate(result["seeds"].values()):
-        for name, color, label in (("end_to_end", "tab:blue", "end to end"),
-                                   ("assembled", "tab:orange", "assembled: join fine-tuning")):
-            curve = r[f"{name}_curve"]
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], color=color, alpha=0.8, linewidth=1.2,
-                    label=label if i == 0 else None)
-        start = r["assembled_curve"][0][0] - (r["assembled_curve"][1][0] - r["assembled_curve"][0][0]
-                                               if len(r["assembled_curve"]) > 1 else 0)
-        ax.axvline(start, color="tab:orange", linestyle=":", linewidth=0.8,
-                   label="meta + incubations spent" if i == 0 else None)
-    ax.set_xlabel("training FLOPs (meta model and incubations included)")
-    ax.set_ylabel("validation loss")
+    seeds = list(result["seeds"].values())
     s = result["settings"]
-    ax.set_title(f"assembled ({s['modules']} modules) vs end to end, equal compute ({result['scale']}, "
-                 f"{len(result['seeds'])} seeds)", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_curves(path, seeds, [("end_to_end_curve", "tab:blue", "end to end"),
+                              ("assembled_curve", "tab:orange", "assembled: the join's fine-tuning")],
+                f"assembled ({s['modules']} modules) vs end to end, equal compute ({result['scale']}, "
+                f"{len(seeds)} seeds)", "training FLOPs (meta model and incubations included)",
+                marks=[(r["join_start_flops"], "meta + incubations spent") for r in seeds])
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import REPO, first_reaching, train, validation, write  # noqa: E402
+from runner import REPO, first_reaching, plot_curves, train, validation, write  # noqa: E402
 
 SCALES = {
     "toy": {"model": ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=0",
@@ -89,27 +89,11 @@ def run(scale: str, out: Path, share: float, log=print) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for i, r in enumerate(result["seeds"].values()):
-        for name, color in (("scratch", "tab:blue"), ("stacked", "tab:orange")):
-            curve = r[f"{name}_curve"]
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], color=color, alpha=0.8, linewidth=1.2,
-                    label=f"{name} (target from scratch)" if name == "scratch" and i == 0 else
-                    (f"stacked x{result['settings']['factor']} after {result['grow_at_step']} small steps"
-                     if i == 0 else None))
-    ax.axhline(statistics.mean(result["final_val_loss"]["scratch"]), color="tab:blue", linestyle=":", linewidth=0.8)
-    ax.set_xlabel("training FLOPs (small model's included)")
-    ax.set_ylabel("validation loss")
-    ax.set_title(f"G_stack vs scratch at equal compute ({result['scale']}, {len(result['seeds'])} seeds)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    stacked = f"stacked x{result['settings']['factor']} after {result['grow_at_step']} small steps"
+    plot_curves(path, list(result["seeds"].values()),
+                [("scratch_curve", "tab:blue", "scratch (target from scratch)"), ("stacked_curve", "tab:orange", stacked)],
+                f"G_stack vs scratch at equal compute ({result['scale']}, {len(result['seeds'])} seeds)",
+                "training FLOPs (small model's included)", hline=statistics.mean(result["final_val_loss"]["scratch"]))
 
 
 def main() -> None:

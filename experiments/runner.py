@@ -15,18 +15,57 @@ REPO = Path(__file__).resolve().parents[1]
 
 def train(run_dir: Path, overrides: list[str], config: str = "configs/quickstart.yaml", log=print) -> list[dict]:
     """Train ``config`` with ``overrides`` into ``run_dir`` unless a finished run is there; returns its metrics."""
+    run_pretrain(run_dir, ["train", config, *overrides, f"train.run_dir={run_dir}", "logging.tensorboard=false"], log)
+    return metrics(run_dir)
+
+
+def run_pretrain(run_dir: Path, argv: list[str], log=print) -> float:
+    """`pretrain ARGV` for the run in ``run_dir`` unless it finished before (RUN_DIR/done.json); its wall seconds."""
     done = run_dir / "done.json"
     if not done.is_file():
         t0 = time.perf_counter()
-        log(f"  training {run_dir.name} ...")
-        result = subprocess.run([sys.executable, "-m", "pretrain", "train", config, *overrides,
-                                 f"train.run_dir={run_dir}", "logging.tensorboard=false"], cwd=REPO,
-                                capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log(f"  {argv[0]} {run_dir.name} ...")
+        result = subprocess.run([sys.executable, "-m", "pretrain", *argv], cwd=REPO, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if result.returncode != 0:
-            raise RuntimeError(f"run {run_dir} failed:\n{result.stderr[-4000:]}")
+            raise RuntimeError(f"run {run_dir} failed:\n{result.stdout[-3000:]}\n{result.stderr[-4000:]}")
+        run_dir.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps({"seconds": time.perf_counter() - t0}))
         log(f"  {run_dir.name}: {time.perf_counter() - t0:.0f} s")
-    return metrics(run_dir)
+    return wall_seconds(run_dir)
+
+
+def wall_seconds(run_dir: Path) -> float:
+    """How long the finished run in ``run_dir`` took (its `pretrain` command, start-up included)."""
+    return json.loads((run_dir / "done.json").read_text())["seconds"]
+
+
+def plot_curves(path: Path, seeds: list[dict], arms: list[tuple[str, str, str]], title: str, xlabel: str,
+                hline: float | None = None, marks: list[tuple[float, str]] = ()) -> None:
+    """Validation loss against FLOPs: for each seed's result and each arm (key of its curve, color, label), one line
+    (labelled once); a dotted level ``hline`` and vertical ``marks`` (x, label) if given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, seed in enumerate(seeds):
+        for key, color, label in arms:
+            curve = seed[key]
+            ax.plot([c[0] for c in curve], [c[1] for c in curve], color=color, alpha=0.8, linewidth=1.2,
+                    label=label if i == 0 else None)
+    if hline is not None:
+        ax.axhline(hline, color=arms[0][1], linestyle=":", linewidth=0.8)
+    for i, (x, label) in enumerate(marks):
+        ax.axvline(x, color="gray", linestyle=":", linewidth=0.8, label=label if i == 0 else None)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -6,10 +6,19 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
-def test_growth_stack_experiment_runs_at_toy_size(tmp_path):
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    """One output folder for every toy experiment: they share its tokenizer and token files (out/cache)."""
+    return tmp_path_factory.mktemp("experiments")
+
+
+def test_growth_stack_experiment_runs_at_toy_size(out):
+    tmp_path = out
     result = subprocess.run([sys.executable, "experiments/growth_stack.py", "--scale", "toy", "--out", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -21,7 +30,8 @@ def test_growth_stack_experiment_runs_at_toy_size(tmp_path):
     assert "seed 1:" in result.stdout
 
 
-def test_assembly_experiment_runs_at_toy_size(tmp_path):
+def test_assembly_experiment_runs_at_toy_size(out):
+    tmp_path = out
     result = subprocess.run([sys.executable, "experiments/assembly.py", "--scale", "toy", "--out", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -20,7 +20,7 @@ from torch import nn
 
 from pretrain.config import RunConfig
 from pretrain.models.block import Block
-from pretrain.models.transformer import Transformer, _block_params, flops_per_token, init_weights
+from pretrain.models.transformer import Transformer, _block_params, init_weights
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
 
@@ -144,7 +144,3 @@ def incubation_flops_per_token(cfg: RunConfig) -> float:
     head = m.vocab_size * m.hidden_size
     flops += 2.0 * head * (3 if k == a.head_owner else 2)
     return flops
-
-
-def full_flops_per_token(cfg: RunConfig) -> float:
-    return flops_per_token(cfg.model, cfg.data.seq_len)
