@@ -151,7 +151,10 @@ def run_bench(cfg: RunConfig, *, against: str | None = None, steps: int = 10, wa
     if against == "hf":
         engines["hf"] = hf_engine(cfg, device, precision["hf"])
     variants: dict[str, Step] = {name: (lambda mbs, e=engine: e.train_step(mbs)[0]) for name, engine in engines.items()}
-    peaks = {p: matmul_peak_tflops(device, p) for p in sorted(set(precision[n] for n in names))}
+    kinds = sorted(set(precision[n] for n in names))
+    log(f"measuring the {' and '.join(kinds)} matmul peak (about 1.5 s each, before and after the steps) ...")
+    peaks = {p: matmul_peak_tflops(device, p) for p in kinds}
+    log(f"timing {warmup} warm-up and {steps} measured steps of {' and '.join(names)}, interleaved ...")
     batches = synthetic_batches(cfg, warmup + steps)
     def progress(i: int, name: str, sample) -> None:
         log(f"  step {i + 1:>3}/{warmup + steps} {name:<4} {sample.seconds:7.3f} s  loss {sample.output:.4f}"
