@@ -150,6 +150,11 @@ def _assemble(args) -> int:
     from pretrain.assembly import phases
 
     cfg = load_config(args.config, args.overrides)
+    if args.phase == "check":  # every phase's config valid; print K (slurm/assemble.sh, before it queues anything)
+        for phase, k in [("meta", 0), ("join", 0), *(("incubate", k) for k in range(1, cfg.assembly.modules + 1))]:
+            phases.phase_config(cfg, phase, k)
+        print(cfg.assembly.modules)
+        return 0
     if args.phase == "run":
         if args.get or args.world_size is not None:
             raise UserError("--get and --world-size show one phase's config: give meta, incubate or join.")
@@ -258,9 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     grow.set_defaults(fn=_grow)
     assemble = verbs.add_parser("assemble", help="train the model as modules in independent runs (assembly: section): "
                                 "the meta model, one module's incubation, the join, or all of them")
-    assemble.add_argument("phase", choices=["meta", "incubate", "join", "run"],
+    assemble.add_argument("phase", choices=["meta", "incubate", "join", "run", "check"],
                           help="meta: the shallow meta model; incubate: module k inside it; join: assemble the modules "
-                          "and fine-tune; run: every phase here, the incubations as separate processes")
+                          "and fine-tune; run: every phase here, the incubations as separate processes; check: "
+                          "validate every phase's config and print the module count")
     with_config(assemble)
     assemble.add_argument("--module", type=int, help="incubate: the module k (1..K); default: the SLURM array index")
     assemble.add_argument("--parallel", type=int, default=1, help="run: incubations running at once (default 1)")

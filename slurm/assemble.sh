@@ -17,10 +17,8 @@ if [ -z "${PYTHON:-}" ]; then
   [ -x .venv/bin/python ] && PYTHON=$PWD/.venv/bin/python
 fi
 export PYTHON
-# Checked here, before anything is queued: each phase's config (a config without assembly.modules stops here).
-for phase in meta join; do "$PYTHON" -m pretrain assemble $phase "$@" --get train.run_dir >/dev/null || exit 2; done
-K=$("$PYTHON" -m pretrain config "$@" --get assembly.modules)
-"$PYTHON" -m pretrain assemble incubate "$@" --module "$K" --get train.run_dir >/dev/null || exit 2
+# Checked here, before anything is queued: every phase's config (a config without assembly.modules stops here).
+K=$("$PYTHON" -m pretrain assemble check "$@") || exit 2
 
 submit() {  # PHASE SBATCH_OPTIONS... -- CONFIG ARGS...
   local phase=$1

@@ -257,10 +257,15 @@ def test_assemble_mistakes_exit_2_with_the_fix(base, config_file, tmp_path, caps
         (["assemble", "meta", str(config_file), *base, "assembly.modules=0"], "assembly.modules"),
         (["config", str(config_file), *base, "assembly.module_blocks=[3,3]"], "assembly.module_blocks"),
         (["assemble", "run", *args, "--parallel", "0"], "--parallel 0"),
+        (["assemble", "check", *args, "assembly.modules=5"], "assembly.modules"),
     ]
     for argv, fix in cases:
         code, err = cli(capsys, *argv)
         assert code == 2 and fix in err and "Traceback" not in err, (argv, err)
+    from pretrain.cli import main
+
+    capsys.readouterr()
+    assert main(["assemble", "check", *args]) == 0 and capsys.readouterr().out.strip() == "2"  # K, for the scripts
     result = run_cli(*cases[1][0])  # and as a user runs it
     assert result.returncode == 2 and cases[1][1] in result.stderr and "Traceback" not in result.stderr
 

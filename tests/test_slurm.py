@@ -44,11 +44,19 @@ def submit(slurm_env: dict, args: list[str], out: Path) -> str:
     return result.stdout.strip().split(";")[0]
 
 
+def job_state(job: str) -> str | None:
+    """The job's state as squeue shows it, "" once it has left the queue, None when squeue did not answer (a busy
+    slurmctld times out: that is not a finished job)."""
+    queue = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
+    if queue.returncode != 0 and "Invalid job id" not in queue.stderr:
+        return None
+    return queue.stdout.strip()
+
+
 def wait_gone(job: str, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        queue = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
-        if not queue.stdout.strip():
+        if job_state(job) == "":
             return
         time.sleep(1)
     subprocess.run(["scancel", job])
@@ -93,8 +101,8 @@ def test_preempted_job_requeues_and_resumes_without_losing_a_step(slurm, tiny_ov
     while time.time() < deadline and "requeueing" not in out.read_text():
         time.sleep(0.2)
     # SLURM holds a requeued job back for a while before it may start again; the test need not wait for that
-    for _ in range(50):
-        if "PENDING" in subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout:
+    for _ in range(100):
+        if "PENDING" in (job_state(job) or ""):
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
             break
         time.sleep(0.2)

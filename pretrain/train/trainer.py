@@ -337,6 +337,10 @@ class Trainer:
     # ---- the run --------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, st = self.cfg, self.state
+        if cfg.assembly.phase == "incubate":
+            trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            self.log(f"incubating module {cfg.assembly.module} of {cfg.assembly.modules} inside the frozen meta model: "
+                     f"{trained / 1e6:.2f}M parameters trained (this rank's share), the rest frozen")
         self.log(f"model: {num_params(cfg.model) / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token "
                  f"| {cfg.data.tokens_per_step:,} tokens/step | device {self.device} {cfg.train.precision} "
                  f"| peak {self.peak_tflops:.3g} TFLOP/s | steps {st['step']}->{self.last_step} of {self.total_steps}")
