@@ -75,7 +75,7 @@ def target_tensors(step_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's model tensors, read by torch's own DCP converter (not by our loader)."""
     out = tmp / f"{step_dir.parent.parent.name}.pt"
     dcp_to_torch_save(step_dir, out)
-    return {k.removeprefix("model."): v for k, v in torch.load(out, weights_only=False)["model"].items()}
+    return {k.removeprefix("model."): v for k, v in torch.load(out, weights_only=True)["model"].items()}
 
 
 # ---- the split, the hybrid network, the phases' configs ---------------------------------------------------------
@@ -155,41 +155,53 @@ def test_assembled_run_joins_and_fine_tunes(assembled):
 
 
 @pytest.mark.slow
-def test_incubation_trains_only_its_module(assembled, base, tmp_path):
-    """Module 2's incubation in this process: the meta parts keep their values bit for bit and never get a
-    gradient; the blocks before module 2 keep no activations for backward; the checkpoint holds module 2 alone,
-    under the target's names."""
+@pytest.mark.parametrize("k", [1, 2])
+def test_incubation_trains_only_its_module(assembled, base, tmp_path, k):
+    """Module k's incubation in this process: module k starts as the target model's own initial weights; the meta
+    parts keep their values bit for bit and never get a gradient; blocks before module k keep no activations for
+    backward, blocks after it pass the gradient through (module 1 learns behind meta block 2); the optimizer and
+    the checkpoint hold module k alone, the checkpoint under the target's names."""
+    from pretrain.models.transformer import build_model
+
     root = tmp_path / "run"
     shutil.copytree(assembled / "meta", root / "meta")
     cfg = phases.phase_config(load_config(None, base + [f"train.run_dir={root}", "assembly.incubation_steps=3"]),
-                              "incubate", 2)
+                              "incubate", k)
     trainer = Trainer(cfg, **QUIET)
     model = trainer.model
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    target_init = build_model(trainer.cfg.model, cfg.train.seed).state_dict()
+    for name in before:
+        if hybrid.owned(cfg, k, name):
+            assert torch.equal(before[name], target_init[hybrid.target_name(cfg, k, name)]), name
     kept_graph = []
     model.blocks["0"].register_forward_hook(lambda m, i, out: kept_graph.append(out.requires_grad))
     trainer.fit()
     meta = target_tensors(phases.finished(root / "meta")[0], tmp_path)
+    layout = hybrid.hybrid_layout(cfg, k)
     for name, p in model.named_parameters():
-        if hybrid.owned(cfg, 2, name):
+        if hybrid.owned(cfg, k, name):
             assert p.requires_grad and not torch.equal(p, before[name]), name
         else:
             assert not p.requires_grad and p.grad is None, name
             assert torch.equal(p, before[name]), name
             match = hybrid._BLOCK.match(name)
-            meta_name = name if match is None else f"blocks.{hybrid.hybrid_layout(cfg, 2)[int(match.group(1))][1]}." \
-                                                   f"{match.group(2)}"
+            meta_name = name if match is None else f"blocks.{layout[int(match.group(1))][1]}.{match.group(2)}"
             assert torch.equal(p, meta[meta_name]), name
-    assert kept_graph and not any(kept_graph)  # meta block 0 ran without building a graph
+    # Block 0 is module 1's own (a graph in every training forward) or, for module 2, frozen meta (never a graph).
+    assert kept_graph and any(kept_graph) == (k == 1)
+    if k == 1:
+        assert layout[-1] == ("meta", 1)  # the gradient reached module 1 through this frozen block
     trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert trained == {id(p) for name, p in model.named_parameters() if hybrid.owned(cfg, 2, name)}
-    saved = target_tensors(phases.finished(root / "module_2")[0], tmp_path)
-    assert set(saved) == {hybrid.target_name(cfg, 2, n) for n, _ in model.named_parameters() if hybrid.owned(cfg, 2, n)}
-    assert sorted({n.split(".")[0] + "." + n.split(".")[1] for n in saved if n.startswith("blocks.")}) == [
-        "blocks.2", "blocks.3"] and "head.weight" in saved and "embed.weight" not in saved
+    assert trained == {id(p) for name, p in model.named_parameters() if hybrid.owned(cfg, k, name)}
+    saved = target_tensors(phases.finished(root / f"module_{k}")[0], tmp_path)
+    assert set(saved) == {hybrid.target_name(cfg, k, n) for n, _ in model.named_parameters() if hybrid.owned(cfg, k, n)}
+    blocks = sorted({".".join(n.split(".")[:2]) for n in saved if n.startswith("blocks.")})
+    assert blocks == (["blocks.0", "blocks.1"] if k == 1 else ["blocks.2", "blocks.3"])
+    assert ("embed.weight" in saved) == (k == 1) and ("head.weight" in saved) == (k == 2)
     for name, p in model.named_parameters():
-        if hybrid.owned(cfg, 2, name):
-            assert torch.equal(saved[hybrid.target_name(cfg, 2, name)], p), name
+        if hybrid.owned(cfg, k, name):
+            assert torch.equal(saved[hybrid.target_name(cfg, k, name)], p), name
 
 
 @pytest.mark.slow
@@ -241,6 +253,13 @@ def test_join_names_a_missing_or_foreign_module(assembled, base, config_file, tm
     assert str(root / "module_2") in err
     shutil.rmtree(root / "module_2")
     shutil.copytree(assembled / "module_2", root / "module_2")
+    saved = phases.finished(root / "module_2")[0] / "config.yaml"  # as if incubated for a narrower FFN
+    original = saved.read_text()
+    saved.write_text(original.replace("ffn_hidden_size: 128", "ffn_hidden_size: 96"))
+    code, err = cli(capsys, "assemble", "join", *args)
+    assert code == 2 and "module 2's checkpoint" in err and "model.ffn_hidden_size 96 there, 128 here" in err
+    assert str(saved.parent) in err
+    saved.write_text(original)
     shutil.rmtree(phases.finished(root / "module_2")[0])  # only its step-4 checkpoint is left: unfinished
     code, err = cli(capsys, "assemble", "join", *args)
     assert code == 2 and "stopped at step 4 of 6" in err

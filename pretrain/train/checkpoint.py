@@ -198,7 +198,7 @@ Names = Callable[[str], "str | None"]  # a model tensor's name in the checkpoint
 def _renamed(state: dict, names: Names | None) -> dict:
     if names is None:
         return state
-    return {names(name): value for name, value in state.items() if names(name) is not None}
+    return {new: value for name, value in state.items() if (new := names(name)) is not None}
 
 
 def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, no_dist: bool = False,
@@ -285,7 +285,7 @@ def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | No
     tensors to read and their names in the checkpoint, as ``save_dcp`` (the others keep their values)."""
     model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (
         get_state_dict(model, [])[0], None)
-    ours = {} if names is None else {names(name): name for name in model_sd if names(name) is not None}
+    ours = {} if names is None else {new: name for name in model_sd if (new := names(name)) is not None}
     model_sd = _renamed(model_sd, names)
     state = {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
     # DCP keeps one copy of a non-tensor value, so each optimizer group's loaded parameter names are one rank's

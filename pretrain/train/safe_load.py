@@ -7,7 +7,7 @@ it to. What a checkpoint of ours holds and how each part is read:
   the classes DCP writes there (its metadata dataclasses, ``torch.Size``, dtypes, layouts, paths); any other
   name, such as ``os.system``, stops the load with the name.
 * non-tensor values inside the shards (optimizer hyper-parameters, parameter names): DCP reads them with
-  ``torch.load(weights_only=False)``; ``SafeLoadPlanner`` reads them with ``weights_only=True``.
+  full unpickling by default; ``SafeLoadPlanner`` reads them with ``weights_only=True`` instead.
 * ``rng/rank_R.pt``: tensors and plain numbers only, read with ``weights_only=True`` (older checkpoints hold numpy
   arrays: for those, numpy's array reconstructor alone is admitted).
 * ``trainer_state.json``, ``config.yaml``: JSON and YAML (``yaml.safe_load``).

@@ -134,9 +134,9 @@ class Trainer:
 
     def close(self) -> None:
         """Stop the data read-ahead (its thread must not outlive the run)."""
-        for batches in (getattr(self, "train_batches", None),):
-            if hasattr(batches, "close"):
-                batches.close()
+        batches = getattr(self, "train_batches", None)  # (not there before the first stage's data)
+        if hasattr(batches, "close"):  # a GlobalBatches read on the spot has no thread
+            batches.close()
 
     def _enter_stage(self, stage: int) -> None:
         """Make ``stage`` the current one: its config (model and layout) and, when the layout changes, its mesh."""

@@ -89,7 +89,7 @@ class Engine:
     # ---- building -------------------------------------------------------------------------------------------
     def build_model(self, start_step: int) -> nn.Module:
         """The whole model on this rank's device, initialised by name and seed, as trained through ``start_step``
-        (self-guided layers past their guided phase have no guide). An incubation (``assembly.module``) builds the
+        (self-guided layers past their guided phase have no guide). An incubation (``assembly.phase: incubate``) builds the
         meta model with module k in it, and checkpoints only what module k trains."""
         cfg = self.cfg
         if cfg.assembly.phase == "incubate":
