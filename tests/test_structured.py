@@ -33,14 +33,6 @@ def build(kind: str, n: int, m: int, rank: int, blocks: int, seed: int = 0, **kw
     return layer
 
 
-def blockdiag_by_hand(blocks: torch.Tensor) -> torch.Tensor:
-    nb, r, c = blocks.shape
-    out = torch.zeros(nb * r, nb * c)
-    for b in range(nb):
-        out[b * r:(b + 1) * r, b * c:(b + 1) * c] = blocks[b]
-    return out
-
-
 @pytest.mark.parametrize("kind,n,m,rank,blocks", CASES)
 def test_layer_equals_its_premerged_dense_matrix(kind, n, m, rank, blocks):
     layer = build(kind, n, m, rank, blocks)
@@ -49,20 +41,38 @@ def test_layer_equals_its_premerged_dense_matrix(kind, n, m, rank, blocks):
         torch.testing.assert_close(layer(x), x @ layer.dense_weight().T, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n,m", SHAPES)
+def blockshuffle_by_hand(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:
+    """The block-shuffle authors' convention spelled out index by index, for one input vector x: chunk b of
+    x through W1[b] gives the middle features h (block-major); block j of W2 reads h[i*B + j], i = 0..k/B-1;
+    row s of block j's output lands at output index s*B + j."""
+    B, kb, nb = W1.shape
+    mb = W2.shape[1]
+    h = torch.zeros(B * kb, dtype=x.dtype)
+    for b in range(B):
+        for r in range(kb):
+            h[b * kb + r] = sum(W1[b, r, c] * x[b * nb + c] for c in range(nb))
+    y = torch.zeros(B * mb, dtype=x.dtype)
+    for j in range(B):
+        for s in range(mb):
+            y[s * B + j] = sum(W2[j, s, i] * h[i * B + j] for i in range(kb))
+    return y
+
+
+@pytest.mark.parametrize("n,m", [(8, 12), (12, 8), (16, 16)])
 @pytest.mark.parametrize("blocks", [2, 4])
-def test_blockshuffle_dense_weight_includes_the_permutation(n, m, blocks):
+def test_blockshuffle_follows_the_authors_indexing(n, m, blocks):
     layer = build("blockshuffle", n, m, 0, blocks)
-    k = min(n, m)
-    P = torch.zeros(k, k)
-    for b in range(blocks):  # feature j of first-stage block b goes to slot j * blocks + b
-        for j in range(k // blocks):
-            P[j * blocks + b, b * (k // blocks) + j] = 1.0
+    x = torch.randn(n, dtype=torch.float64)
     with torch.no_grad():
-        expected = blockdiag_by_hand(layer.W2) @ P @ blockdiag_by_hand(layer.W1)
-        torch.testing.assert_close(layer.dense_weight(), expected, rtol=1e-5, atol=1e-6)
-        without_p = blockdiag_by_hand(layer.W2) @ blockdiag_by_hand(layer.W1)
-        assert not torch.allclose(layer.dense_weight(), without_p, atol=1e-4)
+        W1, W2 = layer.W1.double(), layer.W2.double()
+        expected = blockshuffle_by_hand(x, W1, W2)
+        layer.double()
+        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer.dense_weight() @ x, expected, rtol=1e-12, atol=1e-12)
+        columns = torch.stack([blockshuffle_by_hand(e, W1, W2) for e in torch.eye(n, dtype=torch.float64)], 1)
+        torch.testing.assert_close(layer.dense_weight(), columns, rtol=1e-12, atol=1e-12)
+        concatenated = torch.block_diag(*W2.unbind(0)) @ torch.block_diag(*W1.unbind(0)) @ x
+        assert not torch.allclose(layer(x), concatenated)  # the shuffles are not the identity
 
 
 @pytest.mark.parametrize("kind,n,m,rank,blocks", CASES + [("dense", 32, 48, 0, 1)])

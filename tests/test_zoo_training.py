@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pretrain
 from pretrain.config import ModelConfig, load_config
 from pretrain.models.structured import SelfGuided, alpha_at, premerge
 from pretrain.models.transformer import build_model, num_params
@@ -57,6 +58,8 @@ def test_self_guided_resume_across_guide_removal_is_exact(tiny_cfg, tmp_path):
     assert [a[s] for s in range(11, 21)] == [b[s] for s in range(11, 21)]
     # ... and across the removal itself (stop during the guided phase)
     run_training(tiny_cfg(*common, f"train.run_dir={tmp_path}/c", "train.stop_at_step=4"), log=quiet)
+    # a model loaded after 4 optimizer steps holds the authors' alpha after their 4th per-step update
+    assert {layer.alpha for layer in guided(pretrain.load_model(tmp_path / "c"))} == {alpha_at(4, 6)}
     run_training(tiny_cfg(*common, f"train.run_dir={tmp_path}/c"), log=quiet)
     c = {r["step"]: r["loss"] for r in records(tmp_path / "c") if "loss" in r}
     assert [a[s] for s in range(5, 21)] == [c[s] for s in range(5, 21)]

@@ -68,6 +68,11 @@ def check_layout(cfg: RunConfig) -> None:
         if m.ffn.kind in ("blockdense", "blockshuffle"):
             require(m.ffn.blocks % p.tp == 0, "model.ffn.blocks",
                     f"tensor parallelism shards whole blocks: parallel.tp {p.tp} must divide blocks {m.ffn.blocks}.")
+        if m.ffn.kind == "blockshuffle":
+            for size in (m.hidden_size, m.ffn_size):
+                require(size // m.ffn.blocks % p.tp == 0, "model.ffn.blocks",
+                        f"tensor parallelism shards the rows of each block-shuffle block: parallel.tp {p.tp} must "
+                        f"divide {size} / blocks {m.ffn.blocks}; use fewer blocks or a smaller tp.")
     _check_speed(cfg)
 
 

@@ -172,7 +172,8 @@ class BlockDenseLinear(nn.Module):
 
 
 class BlockShuffleLinear(nn.Module):
-    """y = blockdiag(W2) P blockdiag(W1) x; P views the min(N, M) middle features as (B, k/B) and transposes."""
+    """y = Q blockdiag(W2) P blockdiag(W1) x; P views the k = min(N, M) middle features as (k/B, B) and
+    transposes, Q puts row s of output block j at s*B + j."""
 
     def __init__(self, n: int, m: int, rank: int, blocks: int):
         super().__init__()
@@ -183,8 +184,9 @@ class BlockShuffleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.einsum("...bn,bkn->...bk", x.unflatten(-1, (self.blocks, -1)), self.W1)
-        h = h.transpose(-1, -2).reshape(h.shape)
-        return torch.einsum("...bk,bmk->...bm", h, self.W2).flatten(-2)
+        h = h.flatten(-2).unflatten(-1, (-1, self.blocks)).transpose(-1, -2)
+        y = torch.einsum("...bk,bmk->...bm", h, self.W2)
+        return y.transpose(-1, -2).flatten(-2)
 
 
 STRUCTURED = {"lowrank": LowRankLinear, "blockdense": BlockDenseLinear, "blockshuffle": BlockShuffleLinear}

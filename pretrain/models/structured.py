@@ -5,7 +5,7 @@ can export the exact equivalent dense (M, N) matrix with ``dense_weight()`` ("pr
 
 - ``LowRankLinear``: y = U(Vx), (N+M)*R parameters.
 - ``BlockDenseLinear``: y = U blockdiag(V_1..V_B) x, R*(M + N/B) parameters.
-- ``BlockShuffleLinear``: Monarch-style blockdiag(W2) P blockdiag(W1) x with a fixed shuffle P,
+- ``BlockShuffleLinear``: Monarch-style Q blockdiag(W2) P blockdiag(W1) x with fixed shuffles P and Q,
   min(N, M)*(N+M)/B parameters.
 - ``SelfGuided``: o = a W x + (1-a) structured(x), a dense guide W that fades out by ``alpha_at``.
 
@@ -34,6 +34,12 @@ def _check_divisible(name: str, **sizes: int) -> None:
 
 def _dense_draw(generator: torch.Generator, out_features: int, in_features: int, std: float) -> torch.Tensor:
     return torch.empty(out_features, in_features).normal_(0.0, std, generator=generator)
+
+
+def _interleave(n: int, blocks: int, device: torch.device, inverse: bool = False) -> torch.Tensor:
+    """perm with v[perm] = v viewed as (n/blocks, blocks), transposed and flattened (inverse: the reverse)."""
+    grid = torch.arange(n, device=device)
+    return (grid.view(blocks, -1) if inverse else grid.view(-1, blocks)).t().reshape(-1)
 
 
 def _polar(blocks: torch.Tensor) -> torch.Tensor:
@@ -109,10 +115,11 @@ class BlockDenseLinear(nn.Module):
 
 
 class BlockShuffleLinear(nn.Module):
-    """y = blockdiag(W2) P blockdiag(W1) x through k = min(N, M) middle features. P is the Monarch shuffle:
-    view the k features as (B, k/B), transpose, flatten, so every second-stage block sees one feature of
-    each first-stage block. P is derived from the shapes, never stored: a buffer would be wiped by the
-    meta-device ``to_empty()``."""
+    """y = Q blockdiag(W2) P blockdiag(W1) x through k = min(N, M) middle features (the Monarch product of
+    the block-shuffle authors' op). x is cut into B consecutive chunks, chunk b goes through W1[b]; P views
+    the k middle features (block-major) as (k/B, B) and transposes, so block j of W2 reads h[i*B + j] for
+    i = 0..k/B-1; Q interleaves the outputs: row s of block j lands at s*B + j. P and Q follow from the
+    shapes and are never stored (a buffer would be wiped by the meta-device ``to_empty()``)."""
 
     def __init__(self, in_features: int, out_features: int, blocks: int):
         super().__init__()
@@ -127,16 +134,21 @@ class BlockShuffleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.einsum("...bn,bkn->...bk", x.unflatten(-1, (self.blocks, -1)), self.W1)
-        h = h.transpose(-1, -2).reshape(h.shape)  # the shuffle P
-        return torch.einsum("...bk,bmk->...bm", h, self.W2).flatten(-2)
+        h = h.flatten(-2).unflatten(-1, (-1, self.blocks)).transpose(-1, -2)  # P: block j gets h[i*B + j]
+        y = torch.einsum("...bk,bmk->...bm", h, self.W2)
+        return y.transpose(-1, -2).flatten(-2)  # Q: row s of block j -> output s*B + j
 
     def permutation(self) -> torch.Tensor:
-        """Index perm with (P h)[i] = h[perm[i]]."""
-        return torch.arange(self.inner, device=self.W1.device).view(self.blocks, -1).t().reshape(-1)
+        """Index perm of the middle shuffle: (P h)[i] = h[perm[i]]."""
+        return _interleave(self.inner, self.blocks, self.W1.device)
+
+    def output_permutation(self) -> torch.Tensor:
+        """Index perm of the output interleave: y[i] = (blockdiag(W2) P blockdiag(W1) x)[perm[i]]."""
+        return _interleave(self.out_features, self.blocks, self.W1.device, inverse=True)
 
     def dense_weight(self) -> torch.Tensor:
         first = torch.block_diag(*self.W1.unbind(0))[self.permutation()]  # P @ blockdiag(W1)
-        return torch.block_diag(*self.W2.unbind(0)) @ first
+        return (torch.block_diag(*self.W2.unbind(0)) @ first)[self.output_permutation()]
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator, std: float) -> None:
@@ -243,14 +255,15 @@ def guided_layers(model: nn.Module) -> list[SelfGuided]:
 
 
 def set_guided_phase(model: nn.Module, step: int, guided_steps: int, reduce_flop: bool = False) -> None:
-    """The self-guided layers as they were after ``step`` optimizer steps: past the guided phase the guides are
-    gone (a checkpoint of that step holds none); within it alpha is the one the last step trained with."""
+    """The self-guided layers as they are after ``step`` optimizer steps: past the guided phase the guides are
+    gone (a checkpoint of that step holds none); within it alpha is alpha_at(step), the value the authors' code
+    holds after its per-step update (and the one the next training step uses)."""
     for layer in guided_layers(model):
         layer.reduce_flop = reduce_flop
         if step >= guided_steps:
             layer.remove_guide()
         else:
-            layer.alpha = alpha_at(max(step - 1, 0), guided_steps)
+            layer.alpha = alpha_at(step, guided_steps)
 
 
 @torch.no_grad()

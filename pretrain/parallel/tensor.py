@@ -9,14 +9,16 @@ residual stream between sub-layers are sharded along the sequence.
 Structured FFN linears (docs/methods.md, structured FFN layers) shard so that the result is exact, by sharding only the
 factor next to the split dimension and letting DTensor propagate the rest:
 
-| layer (y = ...)             | column-parallel (y sharded)   | row-parallel (x sharded)              |
-|-----------------------------|-------------------------------|---------------------------------------|
-| lowrank U(Vx)               | V replicated, U rows sharded  | V columns sharded, U replicated       |
-| blockdense U bd(V) x        | V replicated, U rows sharded  | V blocks sharded, U columns sharded   |
-| blockshuffle bd(W2) P bd(W1)| W1 replicated, W2 blocks shard| W1 blocks sharded, W2 replicated      |
-| self-guided a W x + (1-a)S  | guide rows sharded, S as above| guide columns sharded, S as above     |
+| layer (y = ...)               | column-parallel (y sharded)    | row-parallel (x sharded)           |
+|-------------------------------|--------------------------------|------------------------------------|
+| lowrank U(Vx)                 | V replicated, U rows sharded   | V columns sharded, U replicated    |
+| blockdense U bd(V) x          | V replicated, U rows sharded   | V blocks sharded, U columns sharded|
+| blockshuffle Q bd(W2) P bd(W1)| W1 replicated, W2 rows sharded | W1 blocks sharded, W2 replicated   |
+| self-guided a W x + (1-a)S    | guide rows sharded, S as above | guide columns sharded, S as above  |
 
-Blocks are sharded whole, so tp must divide the number of blocks. MoE layers keep their experts whole on
+Blocks are sharded whole, so tp must divide the number of blocks. Block-shuffle's interleaved output (row s
+of block j is output s*B + j) makes a contiguous slice of y the same rows of every W2 block, hence W2 is
+sharded by rows there, and tp must divide each block's rows and middle features too. MoE layers keep their experts whole on
 every tensor-parallel rank (expert parallelism shards them instead); their input is gathered along the
 sequence under sequence parallelism.
 """
@@ -40,7 +42,7 @@ from pretrain.torch_compat import style_io_fns
 
 COLUMN = {LowRankLinear: {"V": Replicate(), "U": Shard(0)},
           BlockDenseLinear: {"V": Replicate(), "U": Shard(0)},
-          BlockShuffleLinear: {"W1": Replicate(), "W2": Shard(0)},
+          BlockShuffleLinear: {"W1": Replicate(), "W2": Shard(1)},
           SelfGuided: {"guide": Shard(0)}}
 ROW = {LowRankLinear: {"V": Shard(1), "U": Replicate()},
        BlockDenseLinear: {"V": Shard(0), "U": Shard(1)},
