@@ -68,6 +68,16 @@ def plot_curves(path: Path, seeds: list[dict], arms: list[tuple[str, str, str]],
     plt.close(fig)
 
 
+def device_name() -> str:
+    """The GPU the runs trained on, or the CPU model (the figures depend on it)."""
+    import torch
+
+    from pretrain.device import cpu_info
+    from pretrain.device import device_name as name
+
+    return name(torch.device("cuda")) if torch.cuda.is_available() else f"{cpu_info()}"
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
