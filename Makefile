@@ -19,7 +19,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[dev,hf]"
+	$(BIN)/pip install -q -e ".[dev,hf,deepspeed]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -28,6 +28,17 @@ class ParallelConfig:
     loss_parallel: bool = option(True, "With tp > 1: vocab-parallel cross-entropy; the full logits are never gathered.")
     reshard_after_forward: bool = option(True, "FSDP2: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2).")
     param_dtype: Literal["fp32", "bf16"] = option("fp32", "FSDP2 mixed precision: dtype of gathered parameters (reduction is fp32).")
+    engine: Literal["native", "deepspeed"] = option(
+        "native", "Who runs data parallelism: native (FSDP2/DDP/HSDP, with tp, pp and ep) or deepspeed (ZeRO stage "
+        "parallel.zero_stage over parallel.dp_shard ranks; no tp, pp or ep).")
+    zero_stage: int = option(1, "engine deepspeed: ZeRO stage 1 (optimizer state partitioned), 2 (+ gradients) or 3 "
+                                "(+ parameters) over the data-parallel ranks.")
+    offload_optimizer: bool = option(False, "engine deepspeed: keep the optimizer state and its step on the CPU "
+                                            "(ZeRO-Offload).")
+    offload_params: bool = option(False, "engine deepspeed, zero_stage 3: keep the partitioned parameters on the CPU.")
+    deepspeed: dict = option({}, "engine deepspeed: more DeepSpeed config keys (e.g. zero_optimization: "
+                                 "{reduce_bucket_size: ...}, communication_data_type), checked by DeepSpeed; the keys "
+                                 "this config already sets are refused there.")
     collective_timeout_s: int = option(
         600, "Seconds a collective may wait for the other ranks before the run stops naming the rank, step and phase "
         "(a rank that stopped or died); the wait for rank 0 to prepare the data is not bounded.")
@@ -59,6 +70,10 @@ def check_layout(cfg: RunConfig) -> None:
     if p.ep > 1:
         require(m.moe.num_experts > 0 and m.moe.num_experts % p.ep == 0, "parallel.ep",
                 f"ep {p.ep} needs an MoE model whose model.moe.num_experts ({m.moe.num_experts}) it divides.")
+    if p.engine == "deepspeed":
+        from pretrain.config.deepspeed import check_deepspeed
+
+        check_deepspeed(cfg)
     if p.pp > 1:
         _check_pipeline(cfg)
     if p.tp > 1:

@@ -211,6 +211,35 @@ def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory), no_dist=no_dist)
 
 
+def save_states(directory: Path, state: dict) -> None:
+    """Write a state dict of whole tensors (each key on the rank that holds it; a key on several ranks is written
+    once), in the layout ``save_dcp`` writes: an engine that assembles its own tensors (DeepSpeed) uses it."""
+    dcp.save(state, checkpoint_id=str(directory))
+
+
+def saved_keys(path: Path) -> set[str]:
+    """The flattened keys (``model.NAME``, ``optim.state.NAME.exp_avg``, ...) a checkpoint holds."""
+    return set(read_dcp_metadata(path / ".metadata").state_dict_metadata)
+
+
+def load_states(path: Path, state: dict) -> dict:
+    """Read ``state`` (a nested dict of tensors to fill, every key present in the checkpoint) in place."""
+    _read(path, state, no_dist=False)
+    return state
+
+
+def _read(path: Path, state: dict, no_dist: bool) -> None:
+    try:
+        read_dcp_metadata(path / ".metadata")  # refused here, with its own message, before DCP reads anything
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), no_dist=no_dist)
+    except UserError:
+        raise
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
+        raise UserError(f"checkpoint '{path}' could not be read ({type(e).__name__}: {str(e)[:300]}). It may be "
+                        "damaged or from another model shape: point train.resume at an older checkpoint, or "
+                        "train.resume=never to start over in a new train.run_dir.") from None
+
+
 def resolve(path: Path) -> Path:
     """A complete step_N directory as given, or the newest complete one of a run directory."""
     if is_complete(path):
@@ -291,15 +320,7 @@ def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | No
     # DCP keeps one copy of a non-tensor value, so each optimizer group's loaded parameter names are one rank's
     # (under pipeline parallelism another stage's), and torch drops a tied weight those names miss: keep ours.
     group_params = [list(group["params"]) for group in optim_sd["param_groups"]] if optimizer is not None else []
-    try:
-        read_dcp_metadata(path / ".metadata")  # refused here, with its own message, before DCP reads anything
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), no_dist=no_dist)
-    except UserError:
-        raise
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
-        raise UserError(f"checkpoint '{path}' could not be read ({type(e).__name__}: {str(e)[:300]}). It may be "
-                        "damaged or from another model shape: point train.resume at an older checkpoint, or "
-                        "train.resume=never to start over in a new train.run_dir.") from None
+    _read(path, state, no_dist)
     if names is not None:  # back to the model's own names
         state["model"] = {ours[name]: value for name, value in state["model"].items()}
     options = StateDictOptions(strict=names is None)  # (with ``names``, the other tensors keep their values)

@@ -12,6 +12,10 @@ from pretrain.train.engines.base import Engine, StepHooks
 
 def build_engine(cfg: RunConfig, dims: ParallelDims, device: torch.device, start_step: int = 0) -> Engine:
     """The engine the layout needs, its model prepared as trained through ``start_step``."""
+    if cfg.parallel.engine == "deepspeed":
+        from pretrain.train.engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, dims, device, start_step)
     if cfg.parallel.pp > 1:
         from pretrain.train.engines.pipeline import PipelineEngine
 
