@@ -44,7 +44,7 @@ def _run(cfg) -> int:
 
 def _preprocess(args) -> int:
     from pretrain.data import corpus
-    from pretrain.data.prepare import ensure_tokenizer
+    from pretrain.data.prepare import ensure_tokenizer, token_prefix
     from pretrain.data.preprocess import preprocess
 
     cfg = load_config(args.config, args.overrides)
@@ -52,17 +52,85 @@ def _preprocess(args) -> int:
         raise UserError("data.blend names datasets that are already preprocessed; `pretrain preprocess` "
                         "tokenizes data.sources (or the embedded corpus when none are set).")
     tokenizer = ensure_tokenizer(cfg)
-    preprocess(corpus.documents(cfg.data), tokenizer, cfg.data.prefix, workers=cfg.data.preprocess_workers,
-               fingerprint=corpus.fingerprint(cfg.data))
+    preprocess(corpus.documents(cfg.data), tokenizer, token_prefix(cfg.data, tokenizer),
+               workers=cfg.data.preprocess_workers, fingerprint=corpus.fingerprint(cfg.data))
     return 0
 
 
 def _tokenizer_train(args) -> int:
-    from pretrain.data.tokenizer import train_tokenizer
+    """A recipe (a name of tokenizers/ or a YAML file) into tokenizers/NAME/ or --out; or, given a run config, the
+    tokenizer it names (its recipe) or the model file at its tokenizer.path."""
+    import dataclasses
 
-    cfg = load_config(args.config, args.overrides)
-    tok = train_tokenizer(cfg.tokenizer, cfg.data)
-    print(f"trained {tok.vocab_size}-piece {cfg.tokenizer.type} tokenizer -> {tok.path}")
+    from pretrain.config import RunConfig, loading
+    from pretrain.data import tokenizer as tokenizers
+
+    spec, overrides = args.config, args.overrides
+    path = Path(spec)
+    if path.is_file() and set(loading.read_yaml(path)) & {f.name for f in dataclasses.fields(RunConfig)}:
+        cfg = load_config(path, overrides)
+        if not cfg.tokenizer.name:
+            if args.out:
+                raise UserError("--out is for recipes: a run config's tokenizer is trained at its tokenizer.path.")
+            tok = tokenizers.train_tokenizer(cfg.tokenizer, cfg.data)
+            print(f"trained {tok.vocab_size}-piece {cfg.tokenizer.type} tokenizer -> {tok.path}")
+            return 0
+        spec, overrides = cfg.tokenizer.name, []
+    recipe_file, recipe = tokenizers.load_recipe(spec, overrides)
+    name = recipe_file.stem
+    out = Path(args.out) if args.out else tokenizers.TOKENIZERS_DIR / name
+    if (out / tokenizers.MODEL_FILE).exists():
+        raise UserError(f"'{out}' already holds a tokenizer; train into another folder with --out DIR, or delete "
+                        f"'{out}' to train it again.")
+    tok = tokenizers.train_recipe(recipe, out, name)
+    use = f"tokenizer.path={out}" if args.out else f"tokenizer.name={name}"
+    print(f"tokenizer '{name}' ({tok.vocab_size:,}-piece {recipe.type}) -> {out}/ ({tokenizers.MODEL_FILE}, "
+          f"{tokenizers.MANIFEST_FILE}); use it with {use}")
+    return 0
+
+
+def _tokenizer_import(args) -> int:
+    from pretrain.config.data import TOKENIZER_NAME
+    from pretrain.data import tokenizer as tokenizers
+
+    if not TOKENIZER_NAME.fullmatch(args.name):
+        raise UserError(f"'{args.name}' is not a tokenizer name: use letters, digits, '.', '_' and '-'.")
+    out = Path(args.out) if args.out else tokenizers.TOKENIZERS_DIR / args.name
+    tok = tokenizers.import_tokenizer(args.source, out, args.name)
+    ids = ", ".join(f"{role} {i}" for role, i in tok.special_ids.items() if i >= 0)
+    missing = [role for role, i in tok.special_ids.items() if i < 0]
+    use = f"tokenizer.path={out}" if args.out else f"tokenizer.name={args.name}"
+    print(f"imported {args.source} -> {out}/ ({tok.vocab_size:,} pieces; {ids}"
+          f"{'; no ' + ', '.join(missing) if missing else ''}); use it with {use}")
+    return 0
+
+
+def _tokenizer_stats(args) -> int:
+    import glob
+    import json
+
+    from pretrain.config import DataConfig, SourceConfig
+    from pretrain.config.data import suffix_type
+    from pretrain.data import corpus
+    from pretrain.data.tokenizer import find_tokenizer
+    from pretrain.data.tokenizer_stats import format_stats, tokenizer_stats
+    from pretrain.paths import require_writable_file
+
+    if args.out:
+        require_writable_file(args.out, "--out")
+    tok = find_tokenizer(args.tokenizer)
+    for text in args.text:
+        if not glob.glob(text):
+            raise UserError(f"TEXT '{text}' matches no file; give text files (or globs) to measure the tokenizer on.")
+    # (a file whose suffix says nothing is read as text)
+    data = DataConfig(sources=[SourceConfig(path=t, type="auto" if suffix_type(t) else "text") for t in args.text])
+    stats = tokenizer_stats(tok, corpus.documents(data))
+    text = f"{len(args.text)} file(s)" if args.text else "the embedded corpus (not held out: pass TEXT files)"
+    stats["text"] = list(args.text) or "embedded corpus"
+    print(format_stats(stats, text))
+    if args.out:
+        Path(args.out).write_text(json.dumps(stats, indent=2) + "\n")
+        print(f"-> {args.out}")
     return 0
 
 
@@ -216,8 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(verbs.add_parser("preprocess", help="tokenize the configured text into a megatron-core dataset")
                 ).set_defaults(fn=_preprocess)
     tok = verbs.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
-    with_config(tok.add_parser("train", help="train the configured sentencepiece tokenizer")
-                ).set_defaults(fn=_tokenizer_train)
+    train = tok.add_parser("train", help="train a tokenizer recipe into tokenizers/NAME/ (or --out), or a run "
+                           "config's tokenizer")
+    train.add_argument("config", metavar="RECIPE", help="a recipe: NAME of tokenizers/NAME.yaml or a YAML file; or a "
+                       "run config")
+    train.add_argument("overrides", nargs="*", help="key=value overrides of the recipe (vocab_size=4000) or config")
+    train.add_argument("--out", help="folder for tokenizer.model and manifest.json (default tokenizers/NAME)")
+    train.set_defaults(fn=_tokenizer_train)
+    imp_tok = tok.add_parser("import", help="copy another project's sentencepiece model into tokenizers/NAME/")
+    imp_tok.add_argument("source", help="a sentencepiece .model file, or a folder holding tokenizer.model (e.g. a "
+                         "Hugging Face model directory)")
+    imp_tok.add_argument("name", help="the tokenizer's name (tokenizer.name in run configs)")
+    imp_tok.add_argument("--out", help="folder to write instead of tokenizers/NAME")
+    imp_tok.set_defaults(fn=_tokenizer_import)
+    stats = tok.add_parser("stats", help="bytes per token, tokens per word, unk and byte-fallback rates, vocabulary "
+                           "use of a tokenizer on some text")
+    stats.add_argument("tokenizer", help="a name of tokenizers/, a .model file, or a folder holding tokenizer.model")
+    stats.add_argument("text", nargs="*", help="text files (a document per line; .jsonl/.parquet read their text "
+                       "field) held out from the tokenizer's training; default: the embedded corpus")
+    stats.add_argument("--out", help="also write the measures as JSON to this file")
+    stats.set_defaults(fn=_tokenizer_stats)
     export = verbs.add_parser("export", help="write a checkpoint in Hugging Face format (transformers loads it)")
     export.add_argument("checkpoint", help="checkpoint directory (step_NNNNNNN) or run directory (its newest one)")
     export.add_argument("out", help="output directory: model.safetensors, config.json, tokenizer files")

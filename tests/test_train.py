@@ -210,7 +210,8 @@ def test_cli_tokenizer_and_preprocess_verbs(tmp_path):
     pre = run_cli("preprocess", "configs/quickstart.yaml", *common)
     assert pre.returncode == 0, pre.stderr[-2000:]
     assert "preprocessed 30 documents" in pre.stdout
-    assert (tmp_path / "c.bin").is_file() and (tmp_path / "c.idx").is_file()
+    digest = Tokenizer(tmp_path / "t.model").digest  # the token files are named by the tokenizer's content
+    assert (tmp_path / f"c-{digest}.bin").is_file() and (tmp_path / f"c-{digest}.idx").is_file()
 
 
 @pytest.mark.slow

@@ -1,8 +1,11 @@
 """The ``data:`` and ``tokenizer:`` sections: text sources or preprocessed blends, batch shape, and the
-sentencepiece tokenizer trained from the sources."""
+sentencepiece tokenizer (a named one of the repository's ``tokenizers/`` folder, or a model file); and the
+recipe a named tokenizer is trained from (``tokenizers/NAME.yaml``)."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,6 +37,15 @@ class SourceConfig:
     name: str = option("", "Hub dataset configuration name, if it has several.")
 
 
+def check_sources(sources: list[SourceConfig], key: str) -> None:
+    for i, s in enumerate(sources):
+        require(bool(s.path), f"{key}[{i}].path", "is required: a file, a glob or a hub dataset name.")
+        require(s.type != "auto" or suffix_type(s.path) is not None, f"{key}[{i}].type",
+                f"the suffix of '{s.path}' says nothing pretrain reads (.txt, .md, .jsonl, .json, .parquet, also "
+                "compressed): set type to text, json or parquet for a local file, or to hub to load a Hugging "
+                "Face hub dataset of that name (over the network).")
+
+
 @dataclass(frozen=True)
 class BlendEntry:
     path: str = option("", "megatron-core IndexedDataset prefix (without .bin/.idx).")
@@ -44,7 +56,8 @@ class BlendEntry:
 class DataConfig:
     sources: list[SourceConfig] = option([], "Text sources read through HF datasets; empty = the embedded corpus.")
     blend: list[BlendEntry] = option([], "Existing megatron-core indexed datasets to train on (no preprocessing).")
-    prefix: str = option("cache/corpus", "Output prefix of `pretrain preprocess` (PREFIX.bin/.idx) for `sources`.")
+    prefix: str = option("cache/corpus", "Where the tokenized text goes: PREFIX-DIGEST.bin/.idx, DIGEST naming the "
+                         "tokenizer's content, so each tokenizer has its own token files.")
     split: str = option("98,2,0", "Megatron train,valid,test split of the documents (weights).")
     seq_len: int = option(256, "Tokens per sample (each sample reads seq_len+1 tokens for the shifted labels).")
     micro_batch_size: int = option(8, "Samples per forward/backward on one data-parallel rank.")
@@ -72,24 +85,83 @@ class DataConfig:
         except ValueError:
             ok = False
         require(ok, "data.split", f"got {self.split!r}; give three weights train,valid,test such as '98,2,0'.")
-        for i, s in enumerate(self.sources):
-            require(bool(s.path), f"data.sources[{i}].path", "is required: a file, a glob or a hub dataset name.")
-            require(s.type != "auto" or suffix_type(s.path) is not None, f"data.sources[{i}].type",
-                    f"the suffix of '{s.path}' says nothing pretrain reads (.txt, .md, .jsonl, .json, .parquet, also "
-                    "compressed): set type to text, json or parquet for a local file, or to hub to load a Hugging "
-                    "Face hub dataset of that name (over the network).")
+        check_sources(self.sources, "data.sources")
         for i, b in enumerate(self.blend):
             require(bool(b.path), f"data.blend[{i}].path", "is required: an IndexedDataset prefix.")
             require(b.weight > 0, f"data.blend[{i}].weight", f"must be positive, got {b.weight}.")
 
 
+TOKENIZER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 @dataclass(frozen=True)
 class TokenizerConfig:
-    path: str = option("cache/tokenizer.model", "sentencepiece model file; trained from the corpus when missing.")
-    type: Literal["bpe", "unigram"] = option("bpe", "sentencepiece model type.")
-    vocab_size: int = option(8000, "Vocabulary size to train (includes unk/bos/eos/pad).")
-    train_sentences: int = option(300_000, "Most lines sampled from the corpus to train the tokenizer.")
+    name: str = option("", "A tokenizer of the repository's tokenizers/ folder, e.g. pydoc-bpe-8k (its shipped model, "
+                       "or trained there from tokenizers/NAME.yaml when missing); set name or path, not both.")
+    path: str = option("cache/tokenizer.model", "sentencepiece model file, or a folder holding tokenizer.model (an "
+                       "imported tokenizer, a Hugging Face directory); a missing file is trained there from the run's "
+                       "data with the three keys below.")
+    type: Literal["bpe", "unigram"] = option("bpe", "sentencepiece model type (training tokenizer.path).")
+    vocab_size: int = option(8000, "Vocabulary size (training tokenizer.path; includes unk/bos/eos/pad).")
+    train_sentences: int = option(300_000, "Most lines read from the data to train tokenizer.path.")
 
     def check(self) -> None:
         require_all([("tokenizer.train_sentences", self.train_sentences)], 1, "at least 1")
         require(self.vocab_size >= 16, "tokenizer.vocab_size", f"must be at least 16, got {self.vocab_size}.")
+        if not self.name:
+            return
+        require(TOKENIZER_NAME.fullmatch(self.name) is not None, "tokenizer.name",
+                f"'{self.name}' is not a tokenizer name (letters, digits, '.', '_', '-'); to use a model file or a "
+                "folder, set tokenizer.path instead.")
+        default = TokenizerConfig()
+        require(self.path == default.path, "tokenizer.name",
+                f"'{self.name}' and tokenizer.path '{self.path}' both name the tokenizer: keep one of them.")
+        for key in ("type", "vocab_size", "train_sentences"):
+            require(getattr(self, key) == getattr(default, key), f"tokenizer.{key}",
+                    f"trains a tokenizer at tokenizer.path, but the run uses the named tokenizer '{self.name}', which "
+                    f"its recipe tokenizers/{self.name}.yaml makes: remove tokenizer.{key}, or write a recipe with "
+                    "this setting (`pretrain tokenizer train RECIPE`) and name it.")
+
+
+@dataclass(frozen=True)
+class TokenizerRecipe:
+    """How a named tokenizer is made: ``tokenizers/NAME.yaml``. Our recipes fix the special ids unk 0, bos 1,
+    eos 2, pad 3; the tokens listed here follow them."""
+
+    sources: list[SourceConfig] = option([], "Text to train on, read like data.sources; empty = the embedded corpus.")
+    embedded_docs: int = option(0, "Cap on documents of the embedded corpus (0 = all).")
+    type: Literal["bpe", "unigram"] = option("bpe", "sentencepiece model type.")
+    vocab_size: int = option(8000, "Pieces in all, special and listed tokens included.")
+    character_coverage: float = option(0.9995, "Share of the text's characters that get a piece of their own; the "
+                                       "rarest others become byte pieces (byte_fallback) or unk.")
+    byte_fallback: bool = option(True, "Spell a character that has no piece as its UTF-8 bytes instead of unk.")
+    split_digits: bool = option(True, "Every digit is a piece of its own.")
+    special_tokens: list[str] = option([], "Control tokens (e.g. <|im_start|>): ids of their own that no text "
+                                       "encodes to.")
+    user_defined_tokens: list[str] = option([], "Tokens that are always one piece where they occur in the text.")
+    max_lines: int = option(0, "Stop reading the sources after this many non-empty lines (0 = read them all).")
+    sample_lines: int = option(0, "Train on this many lines drawn uniformly (seeded) from all lines read, holding "
+                               "only those in memory; 0 = train on every line read.")
+    seed: int = option(0, "Seed of the line sampling.")
+    num_threads: int = option(2, "Threads sentencepiece trains with (recorded in the model file).")
+
+    def check(self) -> None:
+        require_all([("embedded_docs", self.embedded_docs), ("max_lines", self.max_lines),
+                     ("sample_lines", self.sample_lines)], 0, "0 or more")
+        require_all([("num_threads", self.num_threads)], 1, "at least 1")
+        reserved = 4 + len(self.special_tokens) + len(self.user_defined_tokens)
+        require(self.vocab_size >= max(16, reserved + 1), "vocab_size",
+                f"must be at least 16 and above the {reserved} special and listed tokens, got {self.vocab_size}.")
+        require(0 < self.character_coverage <= 1, "character_coverage",
+                f"must lie in (0, 1], got {self.character_coverage}.")
+        tokens = self.special_tokens + self.user_defined_tokens
+        require(all(tokens) and len(set(tokens)) == len(tokens), "special_tokens",
+                "the special and user-defined tokens must be non-empty and distinct.")
+        check_sources(self.sources, "sources")
+
+    def data(self) -> DataConfig:
+        """The text to read, as the corpus readers take it."""
+        return DataConfig(sources=self.sources, embedded_docs=self.embedded_docs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -79,11 +79,21 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# Two keys that name one thing: an override of either replaces the other (`pretrain train configs/quickstart.yaml
+# tokenizer.path=my.model` uses my.model instead of the config's tokenizer.name); one file setting both is refused.
+ALTERNATIVES = {"tokenizer.name": "tokenizer.path", "tokenizer.path": "tokenizer.name"}
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML run config, apply ``section.key=value`` overrides, and validate everything."""
     raw: dict = loading.read_yaml(path) if path is not None else {}
     for item in overrides:
         loading.apply_override(RunConfig, raw, item)
+        other = ALTERNATIVES.get(item.partition("=")[0].strip())
+        if other:
+            section, key = other.split(".")
+            if isinstance(raw.get(section), dict):
+                raw[section].pop(key, None)
     return from_dict(raw).validate()
 
 

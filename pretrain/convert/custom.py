@@ -20,7 +20,6 @@ from torch import nn
 from pretrain.config import RunConfig
 from pretrain.convert.llama import Tensors
 from pretrain.convert.mixtral import stacked_experts
-from pretrain.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 MODELING_FILE = Path(__file__).with_name("modeling_pretrain.py")
 AUTO_MAP = {"AutoConfig": "modeling_pretrain.PretrainConfig",
@@ -53,6 +52,5 @@ def export(cfg: RunConfig, model: nn.Module, keep_structured: bool) -> tuple[Any
         ffn_dense_blocks=m.ffn.dense_blocks, moe_layers=[b.layer_idx for b in blocks if b.is_moe],
         num_experts=m.moe.num_experts, num_experts_per_tok=m.moe.top_k, router=m.moe.router,
         capacity_factor=m.moe.capacity_factor, num_shared_experts=m.moe.num_shared_experts,
-        expert_intermediate_size=m.moe.expert_ffn_hidden_size or m.ffn_size, max_position_embeddings=cfg.data.seq_len,
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+        expert_intermediate_size=m.moe.expert_ffn_hidden_size or m.ffn_size, max_position_embeddings=cfg.data.seq_len)
     return config, tensors

@@ -88,7 +88,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, keep_s
     from transformers import GenerationConfig
 
     from pretrain.convert.tokenizer import export_tokenizer
-    from pretrain.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+    from pretrain.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, model_path
 
     step_dir = checkpoint.resolve(Path(checkpoint_dir))
     cfg = load_config(step_dir / "config.yaml")
@@ -106,17 +106,19 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, keep_s
     # Copies: tied or sliced tensors share storage, which safetensors refuses to write.
     save_file({name: t.detach().clone().contiguous() for name, t in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
+    tokenizer = model_path(cfg.tokenizer)
+    if tokenizer.is_file():  # the special ids are the tokenizer's own (an imported Llama tokenizer has no pad)
+        ids = export_tokenizer(tokenizer, out, cfg.data.seq_len)
+    else:
+        ids = {"bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID}
+        warnings.warn(f"tokenizer '{tokenizer}' not found: {out} holds the model without tokenizer files; "
+                      "run the export from the directory the training ran in.", stacklevel=2)
+    special = {f"{name}_token_id": ids.get(name) for name in ("bos", "eos", "pad")}
+    config.update(special)
     config.save_pretrained(out)
     if kind == "custom":
         shutil.copyfile(custom.MODELING_FILE, out / custom.MODELING_FILE.name)
-    GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-                     **({"use_cache": False} if kind == "custom" else {})).save_pretrained(out)
-    tokenizer = Path(cfg.tokenizer.path)
-    if tokenizer.is_file():
-        export_tokenizer(tokenizer, out, cfg.data.seq_len)
-    else:
-        warnings.warn(f"tokenizer '{tokenizer}' not found: {out} holds the model without tokenizer files; "
-                      "run the export from the directory the training ran in.", stacklevel=2)
+    GenerationConfig(**special, **({"use_cache": False} if kind == "custom" else {})).save_pretrained(out)
     return out
 
 

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from pretrain.config import ModelConfig, RunConfig
-from pretrain.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from pretrain.errors import UserError
 
 Tensors = dict[str, torch.Tensor]
@@ -64,8 +63,7 @@ def decoder_config(cfg: RunConfig) -> dict[str, Any]:
     return dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
                 num_attention_heads=m.num_heads, num_key_value_heads=m.kv_heads, head_dim=m.head_dim,
                 rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
-                max_position_embeddings=cfg.data.seq_len, hidden_act="silu", bos_token_id=BOS_ID,
-                eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+                max_position_embeddings=cfg.data.seq_len, hidden_act="silu")
 
 
 def decoder_model_config(hf: Any) -> dict[str, Any]:

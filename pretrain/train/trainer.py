@@ -383,7 +383,8 @@ class Trainer:
         if self.tokenizer is None or not prompt:
             return None
         self.model.eval()
-        ids = [self.tokenizer.bos] + self.tokenizer.encode(prompt)
+        bos = [self.tokenizer.bos] if self.tokenizer.bos >= 0 else []  # (an imported tokenizer may have none)
+        ids = bos + self.tokenizer.encode(prompt)
         new = generate(self.engine.next_token_logits, ids, max_new_tokens, max_seq_len=self.cfg.data.seq_len,
                        device=self.device, eos_id=self.tokenizer.eos, seed=self.cfg.train.seed,
                        vocab_size=self.tokenizer.vocab_size)
