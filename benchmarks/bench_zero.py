@@ -7,7 +7,7 @@ optimizer state and DeepSpeed's buffers, the part ZeRO partitions) and the proce
 it ever held, the Python and library code included). Timings are reported, never asserted.
 
     python benchmarks/bench_zero.py --out zero.json                  # 2 processes on this machine's CPU
-    python benchmarks/bench_zero.py --nproc 1 --out zero_gpu.json    # one GPU: the stages in one process
+    python benchmarks/bench_zero.py --nproc 1 --shape gpu --out zero_gpu.json   # one GPU: the stages in one process
 """
 
 from __future__ import annotations
@@ -23,8 +23,13 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = ["model.hidden_size=512", "model.num_layers=4", "model.num_heads=8", "model.num_kv_heads=8",
-         "model.ffn_hidden_size=1408", "data.seq_len=256", "data.micro_batch_size=4", "train.precision=fp32"]
+SHAPES = {  # a 17M model in fp32 for 2 CPU processes; a 0.8B one in bf16 autocast for a GPU
+    "cpu": ["model.hidden_size=512", "model.num_layers=4", "model.num_heads=8", "model.num_kv_heads=8",
+            "model.ffn_hidden_size=1408", "data.seq_len=256", "data.micro_batch_size=4", "train.precision=fp32"],
+    "gpu": ["model.hidden_size=2048", "model.num_layers=12", "model.num_heads=16", "model.num_kv_heads=8",
+            "model.ffn_hidden_size=5632", "data.seq_len=2048", "data.micro_batch_size=4", "train.precision=bf16",
+            "optim.impl=fused"],
+}
 DS = ["parallel.engine=deepspeed"]
 VARIANTS = {  # name: overrides (the data-parallel size is added)
     "ddp": ["parallel.dp_replicate={n}"],
@@ -86,6 +91,7 @@ def main() -> None:
     parser.add_argument("--out", default="zero.json")
     parser.add_argument("--nproc", type=int, default=2, help="data-parallel processes (1 on a single GPU)")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--shape", choices=list(SHAPES), default="cpu")
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these variants")
     parser.add_argument("--worker", nargs=2, metavar=("OUT", "OVERRIDES_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -98,9 +104,9 @@ def main() -> None:
         for name in args.only or VARIANTS:
             if n == 1 and name == "ddp":
                 continue  # (the same as fsdp2 in one process)
-            print(f"{name} ...", flush=True)
+            print(f"{name} ...", flush=True)  # (each variant starts its own processes: a few seconds each)
             out = Path(tmp) / name
-            run = [*MODEL, *(o.format(n=n) for o in VARIANTS[name]), f"data.global_batch_size={4 * n * 2}",
+            run = [*SHAPES[args.shape], *(o.format(n=n) for o in VARIANTS[name]), f"data.global_batch_size={4 * n * 2}",
                    f"train.run_dir={tmp}/{name}", f"train.max_steps={args.steps}", "train.log_interval=1",
                    "train.eval_interval=0", "checkpoint.interval=0", "optim.warmup_steps=1", "train.sample_tokens=0",
                    "logging.tensorboard=false"]
@@ -113,10 +119,14 @@ def main() -> None:
             ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(n)]
             results[name] = {**ranks[0], "tensors_mb_per_rank": [r["tensors_mb"] for r in ranks],
                              "peak_mb_per_rank": [r["peak_mb"] for r in ranks]}
+            print(f"  {results[name]['step_time_s']:.3f} s/step, peak {max(results[name]['peak_mb_per_rank']):.0f} MB "
+                  f"per rank", flush=True)
+            Path(args.out).write_text(json.dumps({"processes": n, "shape": args.shape, "variants": results}) + "\n")
     base = results["fsdp2"]["step_time_s"]
     for r in results.values():
         r["step_time_vs_fsdp2"] = r["step_time_s"] / base
-    Path(args.out).write_text(json.dumps({"processes": n, "model": MODEL, "variants": results}, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps({"processes": n, "shape": args.shape, "model": SHAPES[args.shape],
+                                          "variants": results}, indent=1) + "\n")
     print(f"{results['fsdp2']['device']}, {n} process(es)")
     print(f"{'variant':<14} {'step s':>8} {'vs fsdp2':>8} {'tensors MB/rank':>16} {'peak MB/rank':>13}")
     for name, r in results.items():

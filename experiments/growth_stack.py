@@ -60,14 +60,14 @@ def flops_per_token(overrides: list[str], layers: int) -> float:
 def prepare(out: Path, common: list[str], megabytes: float, log=print) -> Path:
     """Tokenizer and indexed data of a corpus larger than the embedded one, from the machine's Python sources;
     done once (``--prepare`` stops here, e.g. to train on a GPU machine that lacks the text or `datasets`)."""
-    prefix = out / "cache" / "corpus"
-    if not prefix.with_suffix(".bin").is_file():
-        corpus = out / "cache" / "code.jsonl"
+    cache = out / "cache"
+    if not list(cache.glob("corpus*.bin")):  # (the token files are named by the tokenizer's digest)
+        corpus = cache / "code.jsonl"
         log(f"corpus: {write_corpus(corpus, megabytes)}")
-        run_pretrain(out / "cache", ["preprocess", "configs/quickstart.yaml", *common,
-                                     f"data.sources=[{{path: {corpus}}}]"], log)
+        run_pretrain(cache, ["preprocess", "configs/quickstart.yaml", *common, f"data.sources=[{{path: {corpus}}}]"],
+                     log)
         corpus.unlink()
-    return prefix
+    return sorted(cache.glob("corpus*.bin"))[0].with_suffix("")
 
 
 def run(scale: str, out: Path, share: float, log=print, prepare_only: bool = False) -> dict:

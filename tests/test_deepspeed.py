@@ -152,3 +152,25 @@ def test_export_of_a_zero3_checkpoint_equals_the_export_of_its_weights_in_one_pr
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+
+
+def test_bf16_autocast_reaches_the_matmuls_inside_deepspeed():
+    """DeepSpeed's engine switches an autocast entered around it off; ours runs inside the model's forward, so a
+    bf16 run's logits come out of bf16 matmuls (the same as in the native engine)."""
+    script = """
+import torch
+from pretrain.config import load_config, resolve
+from pretrain.parallel import mesh
+from pretrain.train.engines import build_engine
+cfg = resolve(load_config(None, ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
+                                 "model.ffn_hidden_size=128", "train.precision=bf16", "parallel.engine=deepspeed"]), 640)
+dims, device = mesh.setup(cfg.parallel, torch.device("cpu"))
+engine = build_engine(cfg, dims, device)
+tokens = torch.randint(0, 640, (2, 16))
+with torch.no_grad():
+    print("dtypes", engine.ds(tokens).dtype, engine.model(tokens).dtype)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dtypes torch.bfloat16 torch.bfloat16" in result.stdout

@@ -44,3 +44,17 @@ def test_assembly_experiment_runs_at_toy_size(out):
     assert abs(seed["end_to_end_flops"] - data["budget_flops"]) <= 1e-6 * data["budget_flops"]
     assert set(seed["phase_wall_s"]) == {"meta", "module 1", "module 2", "join"}
     assert "seed 1:" in result.stdout
+
+
+def test_norms_experiment_runs_at_toy_size(out):
+    result = subprocess.run([sys.executable, "experiments/norms.py", "--scale", "toy", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((out / "norms.json").read_text())
+    assert set(data["variants"]) == {"pre_ln", "post_ln", "mix_ln", "lns", "sandwich", "dyt"}
+    for seeds in data["variants"].values():
+        r = seeds["1"]
+        assert r["curve"] and len(r["grad_norm"]) == len(r["angular_distance"]) == len(r["loss_without_block"]) == 4
+        # removing a block changes the function: the held-out loss moves for every block
+        assert all(abs(x - r["held_out_loss"]) > 0 for x in r["loss_without_block"])
+    assert (out / "norms.png").stat().st_size > 0 and "pre_ln" in result.stdout

@@ -11,6 +11,7 @@ state included), and ``pretrain export`` / ``pretrain.load_model`` read it like 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -45,10 +46,12 @@ class DeepSpeedEngine(Engine):
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if not dist.is_initialized():  # one process: DeepSpeed still talks through a process group
             os.environ.setdefault("LOCAL_RANK", "0")
-            dist.init_process_group(devices.backend(device), init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                    rank=0, world_size=1)
+            started = "MASTER_ADDR" in os.environ  # by torchrun (its own store), else a store of our own
+            dist.init_process_group(devices.backend(device), rank=0, world_size=1,
+                                    init_method=None if started else f"tcp://127.0.0.1:{_free_port()}")
         model = self.build_model(start_step)
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+        _autocast_inside(model, device, cfg.train.precision)
         optimizer = build_optimizer(model, cfg.optim)
         names = {id(p): name for name, p in model.named_parameters()}  # (a tied weight: its first name, as torch)
         self.group_names = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
@@ -222,6 +225,20 @@ class DeepSpeedEngine(Engine):
         if self.stage < 3 and self._optimizer_steps() is not None:
             self.optimizer._hp_optimizer_states_linked = False
             self.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _autocast_inside(model: nn.Module, device: torch.device, precision: str) -> None:
+    """Run ``model``'s forward under our autocast from within: DeepSpeed's engine turns an autocast entered around
+    it off (unless its own ``torch_autocast``, which also lowers the gradient reduction to bf16, is configured), so
+    bf16 training would silently run its matmuls in fp32."""
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def autocast_forward(*args, **kwargs):
+        with devices.autocast(device, precision):
+            return forward(*args, **kwargs)
+
+    model.forward = autocast_forward
 
 
 def _free_port() -> int:
