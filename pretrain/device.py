@@ -148,11 +148,18 @@ def datasheet_tflops(device: torch.device, precision: str) -> float | None:
 
 
 def peak_tflops(device: torch.device, precision: str) -> float:
-    """Datasheet peak for a known GPU; otherwise a quick measurement of the matmul peak (~0.3 s)."""
+    """Datasheet peak for a known GPU; otherwise a quick measurement of the matmul peak (~0.3 s), made once per
+    process, device and precision (a process that runs several trainings, or grows a run, measures once)."""
     datasheet = datasheet_tflops(device, precision)
     if datasheet is not None:
         return datasheet
-    return measure_matmul_tflops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    key = (str(device), precision)
+    if key not in _MEASURED_PEAK:
+        _MEASURED_PEAK[key] = measure_matmul_tflops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    return _MEASURED_PEAK[key]
+
+
+_MEASURED_PEAK: dict[tuple[str, str], float] = {}
 
 
 @dataclass

@@ -51,7 +51,7 @@ def test_norms_experiment_runs_at_toy_size(out):
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((out / "norms.json").read_text())
-    assert set(data["variants"]) == {"pre_ln", "post_ln", "mix_ln", "lns", "sandwich", "dyt"}
+    assert set(data["variants"]) == {"pre_ln", "post_ln", "lns"}
     for seeds in data["variants"].values():
         r = seeds["1"]
         assert r["curve"] and len(r["grad_norm"]) == len(r["angular_distance"]) == len(r["loss_without_block"]) == 4

@@ -117,6 +117,43 @@ def test_growth_under_torchrun_reads_shards_and_equals_one_process(layouts, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("op,args,layout", [
+    ("width", ["--hidden-factor", "2", "--ffn-size", "192"], ["parallel.tp=2"]),
+    ("upcycle", ["--experts", "4", "--top-k", "2"], ["parallel.dp_shard=2", "parallel.ep=2"]),
+])
+def test_width_and_upcycling_under_torchrun_equal_one_process(layouts, tmp_path, op, args, layout):
+    """Width growth (into tp2) and upcycling (into ep2 over dp_shard2) from a pp2 checkpoint under torchrun: every
+    rank grows one tensor at a time and keeps its shard; the same tensors as growth in one process."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    source = layouts / "pp2" / "checkpoints" / "step_0000002"
+    grow_checkpoint(source, tmp_path / "one", _spec(op, args), log=quiet)
+    grown = load_config(tmp_path / "one" / "config.yaml", ["parallel.pp=1", *layout])
+    (tmp_path / "target.yaml").write_text(grown.to_yaml())
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "pretrain", "grow", str(source), str(tmp_path / "sharded"), "--op", op, *args,
+                             "--config", str(tmp_path / "target.yaml")], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 processes, each holding its shards" in result.stdout
+    a = pretrain.load_model(tmp_path / "sharded").state_dict()
+    b = pretrain.load_model(tmp_path / "one").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _spec(op: str, args: list[str]) -> GrowthSpec:
+    from pretrain.config import MoEConfig
+
+    if op == "width":
+        return GrowthSpec("width", hidden_factor=int(args[1]), ffn_size=int(args[3]))
+    return GrowthSpec("upcycle", moe=MoEConfig(num_experts=int(args[1]), top_k=int(args[3])))
+
+
+@pytest.mark.slow
 def test_carried_moments_follow_the_copied_weights(tiny_cfg, tmp_path):
     from pretrain.models.transformer import build_model
     from pretrain.train.optim import build_optimizer

@@ -54,9 +54,12 @@ def job_state(job: str) -> str | None:
 
 
 def wait_gone(job: str, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
+    """Until the job has left the queue: three answers in a row a second apart, since a job being requeued can be
+    missing from squeue for a moment."""
+    deadline, gone = time.time() + timeout, 0
     while time.time() < deadline:
-        if job_state(job) == "":
+        gone = gone + 1 if job_state(job) == "" else 0
+        if gone == 3:
             return
         time.sleep(1)
     subprocess.run(["scancel", job])

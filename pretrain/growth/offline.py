@@ -1,8 +1,9 @@
 """``pretrain grow SRC DST``: a checkpoint grown into a new run directory that ``pretrain train`` continues from.
 
 The source may come from any layout (checkpoints are keyed by global names). In one process it is read resharded
-into the CPU's memory, source and grown weights at once; under torchrun the depth operators build the grown model
-under the target config's layout and every rank reads only the shards it holds, so no rank holds the whole model. The grown run starts
+into the CPU's memory, source and grown weights at once; under torchrun the grown model is built under the target
+config's layout and no rank holds the whole model: for depth every rank reads only the shards it holds, for width
+and upcycling every rank grows one tensor at a time and keeps its shard. The grown run starts
 with a fresh AdamW state and LR schedule (step 0) unless ``carry_optimizer``, and reads the data from where the
 small model stopped; its trainer state carries the tokens and FLOPs spent so far and a record of every growth."""
 
@@ -26,9 +27,15 @@ from pretrain.growth.operators import (
     grow_depth,
     grow_width,
     upcycle,
+    upcycle_source,
+    upcycle_target,
+    upcycled,
+    widen,
+    width_spaces,
+    width_target,
 )
 from pretrain.models.structured import set_guided_phase
-from pretrain.models.transformer import build_model, flops_per_token, num_params
+from pretrain.models.transformer import Transformer, build_model, flops_per_token, num_params
 from pretrain.paths import require_writable_dir
 from pretrain.train import checkpoint
 from pretrain.train.optim import build_optimizer
@@ -130,6 +137,42 @@ def load_planned(plan: Plan, model: torch.nn.Module, source: Path) -> None:
         set_state_dict(model, [], model_state_dict=changed, optim_state_dict={}, options=StateDictOptions(strict=False))
 
 
+def load_tensor_by_tensor(spec: GrowthSpec, src: ModelConfig, target: ModelConfig, seed: int, model: torch.nn.Module,
+                          source: Path) -> None:
+    """Width growth and upcycling under any layout: each grown tensor comes from at most one source tensor, so every
+    rank reads that tensor whole, grows it and keeps its own shard, one tensor at a time (all ranks alike: the reads
+    are collective). No rank holds more than one source and one grown tensor whole beyond its shards; tensors the
+    operator makes new (an upcycled router) keep the grown model's initialisation by name and seed."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from pretrain.train.safe_load import read_dcp_metadata
+
+    saved = read_dcp_metadata(source / ".metadata").state_dict_metadata
+    with torch.device("meta"):
+        names = list(Transformer(target).state_dict())  # every rank walks the whole model in one order
+    spaces = width_spaces(src, target, seed) if spec.op == "width" else None
+    mine = dict(model.named_parameters(remove_duplicate=False))
+    for name in names:
+        how, key = ("copy", name) if spec.op == "width" else upcycle_source(target, name)
+        if key is not None:
+            read = {key: torch.empty(saved[f"model.{key}"].size)}
+            value = checkpoint.load_states(source, {"model": read})["model"][key]
+        param = mine.get(name)
+        if param is None or how == "fresh":
+            continue
+        shape = param.shape  # (a DTensor's global shape)
+        if spec.op == "width":
+            full = widen(name, value, spaces, shape)
+        else:
+            full = torch.zeros(shape) if how == "zero" else upcycled(how, value, shape)
+        with torch.no_grad():
+            if isinstance(param, DTensor):
+                local = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+                param.to_local().copy_(local.to_local())
+            else:
+                param.copy_(full)
+
+
 def _grow_sharded(step_dir: Path, dst: Path, spec: GrowthSpec, src_cfg: RunConfig, state: dict,
                   target_config: str | Path | None, carry_optimizer: bool, log) -> Path:
     """``grow_checkpoint`` under torchrun: the grown model is built under the target config's layout and filled by
@@ -141,13 +184,19 @@ def _grow_sharded(step_dir: Path, dst: Path, spec: GrowthSpec, src_cfg: RunConfi
     from pretrain.train.engines import build_engine
 
     world = int(os.environ["WORLD_SIZE"])
-    if spec.op not in DEPTH_OPS or carry_optimizer or src_cfg.model.ffn.self_guided.enabled:
-        raise UserError(f"under torchrun, `pretrain grow` grows depth (stack, interpolate, zero, random) with a fresh "
-                        f"optimizer, each rank reading its shards; {spec.op if spec.op not in DEPTH_OPS else 'this'} "
-                        "growth (width, upcycle, --carry-optimizer, self-guided models) runs in one process: run it "
+    if carry_optimizer or src_cfg.model.ffn.self_guided.enabled:
+        raise UserError("under torchrun, `pretrain grow` starts the grown model with a fresh optimizer, each rank "
+                        "reading its shards; --carry-optimizer and self-guided models grow in one process: run it "
                         "without torchrun.")
     try:
-        tcfg, plan = depth_plan(src_cfg.model, spec.op, spec.num_layers, spec.factor, spec.layers)
+        if spec.op in DEPTH_OPS:
+            tcfg, plan = depth_plan(src_cfg.model, spec.op, spec.num_layers, spec.factor, spec.layers)
+        elif spec.op == "width":
+            tcfg = width_target(src_cfg.model, spec.hidden_factor, spec.ffn_size)
+        elif spec.op == "upcycle" and spec.moe is not None:
+            tcfg = upcycle_target(src_cfg.model, spec.moe)
+        else:
+            apply(spec, {}, src_cfg.model, 0)  # (says what is missing or unknown)
     except GrowthError as e:
         raise UserError(f"cannot grow with {spec.op}: {e}") from None
     cfg = _target_run_config(src_cfg, tcfg, target_config, dst)
@@ -159,7 +208,10 @@ def _grow_sharded(step_dir: Path, dst: Path, spec: GrowthSpec, src_cfg: RunConfi
         require_writable_dir(dst, "the growth's destination")
     dist.barrier()
     engine = build_engine(cfg, dims, device, 0)
-    load_planned(plan, engine.model, step_dir)
+    if spec.op in DEPTH_OPS:
+        load_planned(plan, engine.model, step_dir)
+    else:
+        load_tensor_by_tensor(spec, src_cfg.model, cfg.model, src_cfg.train.seed, engine.model, step_dir)
     new_state = _grown_state(step_dir, src_cfg, cfg, spec, state)
     if dims.rank == 0:
         (dst / "config.yaml").write_text(cfg.to_yaml())

@@ -156,6 +156,16 @@ def grow_width(state: dict[str, torch.Tensor], cfg: ModelConfig, hidden_factor: 
                ffn_size: int | None = None, seed: int = 0) -> Grown:
     """Hidden size and heads (and KV heads) times ``hidden_factor``, FFN width to ``ffn_size`` (dense FFNs, shared
     experts, and experts whose width follows the FFN's), every output unchanged."""
+    tcfg = width_target(cfg, hidden_factor, ffn_size)
+    spaces = width_spaces(cfg, tcfg, seed)
+    target = fresh_state(tcfg, seed)
+    out = {name: widen(name, tensor, spaces, target[name].shape if name in target else None)
+           for name, tensor in state.items()}
+    return Grown(tcfg, out, dict.fromkeys(out))
+
+
+def width_target(cfg: ModelConfig, hidden_factor: int = 1, ffn_size: int | None = None) -> ModelConfig:
+    """The config of ``cfg`` grown in width, or the reason it cannot be (a ``GrowthError``)."""
     g = hidden_factor
     f_old = cfg.ffn_size
     f_new = ffn_size or f_old
@@ -171,35 +181,42 @@ def grow_width(state: dict[str, torch.Tensor], cfg: ModelConfig, hidden_factor: 
     if kind == "blockdense" and f_new % f_old:
         raise GrowthError(f"block-dense layers keep their blocks only when each FFN feature is copied alike: give an "
                           f"FFN width that is a multiple of {f_old}.")
-    expert_old = cfg.moe.expert_ffn_hidden_size or f_old
-    expert_new = expert_old if cfg.moe.expert_ffn_hidden_size else f_new
-    tcfg = replace(cfg, hidden_size=cfg.hidden_size * g, num_heads=cfg.num_heads * g,
+    return replace(cfg, hidden_size=cfg.hidden_size * g, num_heads=cfg.num_heads * g,
                    num_kv_heads=cfg.kv_heads * g if cfg.num_kv_heads else 0, ffn_hidden_size=f_new)
+
+
+def width_spaces(cfg: ModelConfig, tcfg: ModelConfig, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """For each growing space (hidden, q and kv heads, FFN, expert FFN): which old feature each new one copies, and
+    how many copies each old one has. A pure function of the configs and the seed, so every rank draws the same."""
+    g = tcfg.hidden_size // cfg.hidden_size
+    expert_old = cfg.moe.expert_ffn_hidden_size or cfg.ffn_size
+    expert_new = expert_old if cfg.moe.expert_ffn_hidden_size else tcfg.ffn_size
     gen = torch.Generator().manual_seed(seed)
-    spaces = {"hidden": _interleave(cfg.hidden_size, g), "q": _heads(cfg.num_heads, cfg.head_dim, g),
-              "kv": _heads(cfg.kv_heads, cfg.head_dim, g), "ffn": _widen(f_old, f_new, gen),
-              "expert": _widen(expert_old, expert_new, gen)}
-    target = fresh_state(tcfg, seed)
-    out: dict[str, torch.Tensor] = {}
-    origin: dict[str, tuple[str, float] | None] = {}
-    for name, tensor in state.items():
-        grown = tensor.clone()
-        for dim, space, mode in _width_rules(name, tensor):
-            index, copies = spaces[space]
-            if mode == "blocked":  # the space cut into blocks along ``dim``: each block widened by the same factor
-                factor = len(index) // len(copies)
-                index, copies = _interleave(grown.shape[dim], factor)
-                mode = "consume"
-            grown = grown.index_select(dim, index)
-            if mode == "consume":
-                shape = [1] * grown.dim()
-                shape[dim] = -1
-                grown = grown / copies[index].to(grown.dtype).view(shape)
-        if name not in target or grown.shape != target[name].shape:
-            raise GrowthError(f"cannot grow {name} {tuple(tensor.shape)} to {tuple(target[name].shape)}: this layer "
-                              "kind has no width rule.")
-        out[name], origin[name] = grown, None
-    return Grown(tcfg, out, origin)
+    return {"hidden": _interleave(cfg.hidden_size, g), "q": _heads(cfg.num_heads, cfg.head_dim, g),
+            "kv": _heads(cfg.kv_heads, cfg.head_dim, g), "ffn": _widen(cfg.ffn_size, tcfg.ffn_size, gen),
+            "expert": _widen(expert_old, expert_new, gen)}
+
+
+def widen(name: str, tensor: torch.Tensor, spaces: dict, target_shape: torch.Size | None) -> torch.Tensor:
+    """One tensor grown in width: its features copied along every growing dim, divided by their copies where the
+    tensor reads them (``width_spaces``); ``target_shape`` is the grown model's, checked."""
+    grown = tensor.clone()
+    for dim, space, mode in _width_rules(name, tensor):
+        index, copies = spaces[space]
+        if mode == "blocked":  # the space cut into blocks along ``dim``: each block widened by the same factor
+            factor = len(index) // len(copies)
+            index, copies = _interleave(grown.shape[dim], factor)
+            mode = "consume"
+        grown = grown.index_select(dim, index)
+        if mode == "consume":
+            shape = [1] * grown.dim()
+            shape[dim] = -1
+            grown = grown / copies[index].to(grown.dtype).view(shape)
+    if target_shape is None or grown.shape != target_shape:
+        raise GrowthError(f"cannot grow {name} {tuple(tensor.shape)} to "
+                          f"{tuple(target_shape) if target_shape is not None else 'nothing'}: this layer kind has no "
+                          "width rule.")
+    return grown
 
 
 def _interleave(n: int, g: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,6 +281,21 @@ def _width_rules(name: str, tensor: torch.Tensor) -> list[tuple[int, str, str]]:
 def upcycle(state: dict[str, torch.Tensor], cfg: ModelConfig, moe: MoEConfig, seed: int = 0) -> Grown:
     """Each dense FFN of the blocks ``moe`` makes MoE becomes ``moe.num_experts`` copies of itself, with a router
     initialised as a fresh model's; the output is unchanged."""
+    tcfg = upcycle_target(cfg, moe)
+    out = fresh_state(tcfg, seed)
+    origin: dict[str, tuple[str, float] | None] = dict.fromkeys(out)
+    for name in out:
+        how, key = upcycle_source(tcfg, name)
+        if how == "zero":
+            out[name].zero_()
+        elif how != "fresh":
+            out[name] = upcycled(how, state[key], out[name].shape)
+            origin[name] = (key, 1.0)
+    return Grown(tcfg, out, origin)
+
+
+def upcycle_target(cfg: ModelConfig, moe: MoEConfig) -> ModelConfig:
+    """The config of ``cfg`` upcycled to ``moe``, or the reason it cannot be (a ``GrowthError``)."""
     if cfg.moe.num_experts:
         raise GrowthError("the source is already a mixture of experts; upcycling turns a dense model into one.")
     if moe.num_experts < 1:
@@ -274,24 +306,28 @@ def upcycle(state: dict[str, torch.Tensor], cfg: ModelConfig, moe: MoEConfig, se
     if moe.expert_ffn_hidden_size not in (0, cfg.ffn_size):
         raise GrowthError(f"experts are copies of the FFN, so their width is its {cfg.ffn_size}; set "
                           "expert_ffn_hidden_size to 0.")
-    tcfg = replace(cfg, moe=moe)
-    out = fresh_state(tcfg, seed)
-    origin: dict[str, tuple[str, float] | None] = dict.fromkeys(out)
-    for name in out:
-        match = _BLOCK.match(name)
-        i, rest = (int(match.group(1)), match.group(2)) if match else (None, None)
-        if i is None or not is_moe_block(tcfg, i) or not rest.startswith("ffn."):
-            out[name], origin[name] = state[name].clone(), (name, 1.0)
-            continue
-        ffn = rest[len("ffn."):]
-        stacked = {"w_gate": "gate_proj.weight", "w_up": "up_proj.weight", "w_down": "down_proj.weight"}
-        if ffn in stacked:
-            key = f"blocks.{i}.ffn.{stacked[ffn]}"
-            out[name] = state[key].unsqueeze(0).expand_as(out[name]).clone()
-            origin[name] = (key, 1.0)
-        elif ffn.startswith("experts."):
-            key = f"blocks.{i}.ffn." + ffn.split(".", 2)[2]
-            out[name], origin[name] = state[key].clone(), (key, 1.0)
-        elif ffn.startswith("shared_experts.") and _is_output_projection(ffn):
-            out[name].zero_()  # a shared expert starts silent: routed copies alone make the old output
-    return Grown(tcfg, out, origin)
+    return replace(cfg, moe=moe)
+
+
+def upcycle_source(tcfg: ModelConfig, name: str) -> tuple[str, str | None]:
+    """Where the upcycled tensor ``name`` comes from: ("copy", source name), ("stack", source name: the E experts'
+    weights stacked from one FFN weight), ("zero", None: a shared expert's silent output) or ("fresh", None: the
+    router, initialised by name and seed)."""
+    match = _BLOCK.match(name)
+    i, rest = (int(match.group(1)), match.group(2)) if match else (None, None)
+    if i is None or not is_moe_block(tcfg, i) or not rest.startswith("ffn."):
+        return "copy", name
+    ffn = rest[len("ffn."):]
+    stacked = {"w_gate": "gate_proj.weight", "w_up": "up_proj.weight", "w_down": "down_proj.weight"}
+    if ffn in stacked:
+        return "stack", f"blocks.{i}.ffn.{stacked[ffn]}"
+    if ffn.startswith("experts."):
+        return "copy", f"blocks.{i}.ffn." + ffn.split(".", 2)[2]
+    if ffn.startswith("shared_experts.") and _is_output_projection(ffn):
+        return "zero", None
+    return "fresh", None
+
+
+def upcycled(how: str, source: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The upcycled tensor of ``shape`` from its source (``upcycle_source``'s copy or stack)."""
+    return source.unsqueeze(0).expand(shape).clone() if how == "stack" else source.clone()
