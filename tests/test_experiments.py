@@ -58,3 +58,19 @@ def test_norms_experiment_runs_at_toy_size(out):
         # removing a block changes the function: the held-out loss moves for every block
         assert all(abs(x - r["held_out_loss"]) > 0 for x in r["loss_without_block"])
     assert (out / "norms.png").stat().st_size > 0 and "pre_ln" in result.stdout
+
+
+def test_moe_experiment_runs_at_toy_size(out):
+    result = subprocess.run([sys.executable, "experiments/moe.py", "--scale", "toy", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((out / "moe.json").read_text())
+    assert set(data["variants"]) == {"dense", "top2", "hash"}
+    assert data["variants"]["dense"]["1"]["load_cv"] == []  # no experts, no load
+    for name in ("top2", "hash"):
+        cv = data["variants"][name]["1"]["load_cv"]
+        assert cv and all(value >= 0 for _, value in cv)
+    # equal active parameters: the MoE variants spend (nearly) the dense model's FLOPs per step
+    flops = {name: seeds["1"]["curve"][-1][0] for name, seeds in data["variants"].items()}
+    assert abs(flops["top2"] / flops["dense"] - 1) < 0.05 and abs(flops["hash"] / flops["dense"] - 1) < 0.05
+    assert (out / "moe.png").stat().st_size > 0 and "dense" in result.stdout

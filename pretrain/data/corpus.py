@@ -83,7 +83,9 @@ def _check_text_file(path: str) -> None:
 
 def source_documents(src: SourceConfig) -> Iterator[str]:
     """Documents of one source, read through Hugging Face `datasets`."""
-    from datasets import load_dataset
+    from datasets import disable_progress_bars, load_dataset
+
+    disable_progress_bars()  # (its per-split bars; our own progress says what is read)
 
     kind = source_type(src)
     if kind == "hub":
