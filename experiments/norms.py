@@ -92,8 +92,8 @@ def depth_profile(records: list[dict], layers: int) -> dict:
             "angular_distance": [last[f"depth/angular_distance/{i}"] for i in range(layers)]}
 
 
-def run(scale: str, out: Path, log=print) -> dict:
-    s = SCALES[scale]
+def run(scale: str, out: Path, log=print, only_seeds: list[int] | None = None) -> dict:
+    s = {**SCALES[scale], **({"seeds": only_seeds} if only_seeds else {})}
     common = [*(o.format(out=out) for o in s["model"]), f"model.num_layers={s['layers']}", f"data.seq_len={s['seq']}",
               f"data.micro_batch_size={s['batch']}", f"data.global_batch_size={s['batch']}", f"optim.lr={s['lr']}",
               "optim.warmup_steps=20", f"train.max_steps={s['steps']}", f"train.eval_interval={s['eval']}",
@@ -120,7 +120,8 @@ def run(scale: str, out: Path, log=print) -> dict:
                       "min": min(v["final_val_loss"] for v in seeds.values()),
                       "max": max(v["final_val_loss"] for v in seeds.values())} for name, seeds in results.items()}
     result = {"scale": scale, "device": device_name(), "settings": s, "variants": results, "final_val_loss": summary,
-              "command": f"python experiments/norms.py --scale {scale}"}
+              "command": f"python experiments/norms.py --scale {scale}"
+                         + (f" --seeds {' '.join(map(str, only_seeds))}" if only_seeds else "")}
     write(out, "norms", result)
     plot(result, out / "norms.png")
     return result
@@ -165,9 +166,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=list(SCALES), default="cpu")
     parser.add_argument("--out", default=None, help="default experiments/out/norms (_gpu for --scale gpu)")
+    parser.add_argument("--seeds", type=int, nargs="*", help="these seeds instead of the scale's")
     args = parser.parse_args()
     out = Path(args.out or f"experiments/out/norms{'_gpu' if args.scale == 'gpu' else ''}")
-    result = run(args.scale, out if out.is_absolute() else REPO / out)
+    result = run(args.scale, out if out.is_absolute() else REPO / out, only_seeds=args.seeds)
     for name, summary in result["final_val_loss"].items():
         print(f"{name:<9} final validation loss {summary['mean']:.4f} (seeds {summary['min']:.4f}-{summary['max']:.4f})")
 
