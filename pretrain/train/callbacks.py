@@ -164,7 +164,8 @@ class DepthDiagnostics(Callback):
         self.handles = []
         record: dict = {"step": step}
         for key, block in trainer.model.blocks.items():
-            grads = [p.grad.float().pow(2).sum() for p in block.parameters() if p.grad is not None]
+            # (squares in fp64: a vanishing block's gradient, 1e-20 and below, would square to 0 in fp32)
+            grads = [p.grad.double().pow(2).sum() for p in block.parameters() if p.grad is not None]
             record[f"depth/grad_norm/{key}"] = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
             record[f"depth/angular_distance/{key}"] = float(torch.stack(self.angles[key]).mean())
         trainer.metrics.log(record)
