@@ -103,9 +103,11 @@ def test_preempted_job_requeues_and_resumes_without_losing_a_step(slurm, tiny_ov
     deadline = time.time() + 300
     while time.time() < deadline and "requeueing" not in out.read_text():
         time.sleep(0.2)
-    # SLURM holds a requeued job back for a while before it may start again; the test need not wait for that
+    # SLURM holds a requeued job back for a while before it may start again; the test need not wait for that, but
+    # a restart within the second its credential was revoked is refused ("Job credential revoked"): wait 3 s
     for _ in range(100):
         if "PENDING" in (job_state(job) or ""):
+            time.sleep(3)
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
             break
         time.sleep(0.2)
