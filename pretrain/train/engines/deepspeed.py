@@ -36,6 +36,9 @@ ADAM_STATE = ("exp_avg", "exp_avg_sq")
 
 
 class DeepSpeedEngine(Engine):
+    """Our model under ``deepspeed.initialize`` with our AdamW (see the module docstring); ``ds`` is DeepSpeed's
+    engine, ``model`` its module (parameters under their global names), ``optimizer`` its ZeRO optimizer."""
+
     def __init__(self, cfg: RunConfig, dims: ParallelDims, device: torch.device, start_step: int = 0):
         super().__init__(cfg, dims, device)
         import deepspeed
