@@ -96,10 +96,12 @@ def test_resume_equals_the_uninterrupted_run(runs, run, reference):
 
 
 def pretrain_cli(*argv: str, nproc: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                 "29523", "-m", "pretrain"] if nproc > 1 else [sys.executable, "-m", "pretrain"])
+    """`pretrain ARGV` in one process, or with ``nproc`` through launch/single_node.sh as a user starts it."""
+    launcher = ["launch/single_node.sh"] if nproc > 1 else [sys.executable, "-m", "pretrain"]
+    argv = argv[1:] if nproc > 1 else argv  # (the launch script's verb is train)
     return subprocess.run([*launcher, *argv], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHON": sys.executable,
+                               "NPROC": str(nproc), **(env or {})})
 
 
 @pytest.mark.slow
@@ -117,6 +119,7 @@ def test_checkpoint_of_two_ranks_resumes_in_one_process(runs):
 
 @pytest.mark.slow
 def test_kill_9_and_resume_gives_the_uninterrupted_losses(runs):
+    """Through the launch script, unchanged for DeepSpeed: killed inside step 5, started again, the same losses."""
     tmp, base = runs
     argv = ["train", str(tmp / "defaults.yaml"), *base, *DS, "parallel.zero_stage=2", f"train.run_dir={tmp}/killed"]
     killed = pretrain_cli(*argv, nproc=2, env={"PRETRAIN_FAULT": "step.after_backward@5:1"})

@@ -167,11 +167,15 @@ class Engine:
 
     def weights_finite(self) -> bool:
         """Whether every weight on every rank is finite (a collective; checked before each checkpoint)."""
-        flags = [torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in self.model.parameters()]
+        flags = [torch.isfinite(self.local_tensor(p)).all() for p in self.model.parameters()]
         ok = (torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)).to(self.device, torch.float32)
         if dist.is_initialized():
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok)
+
+    def local_tensor(self, p: nn.Parameter) -> torch.Tensor:
+        """The part of ``p`` this rank holds."""
+        return p.to_local() if isinstance(p, DTensor) else p
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

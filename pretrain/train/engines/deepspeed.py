@@ -102,13 +102,8 @@ class DeepSpeedEngine(Engine):
     def optimizer_step(self, grad_norm: torch.Tensor) -> bool:
         raise NotImplementedError("DeepSpeed steps in train_step")
 
-    def weights_finite(self) -> bool:
-        """As the base engine's, on this rank's partition of each parameter at ZeRO-3."""
-        flags = [torch.isfinite(p.ds_tensor if hasattr(p, "ds_tensor") else p).all() for p in self.model.parameters()]
-        ok = (torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)).to(self.device, torch.float32)
-        if dist.is_initialized():
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok)
+    def local_tensor(self, p: nn.Parameter) -> torch.Tensor:
+        return p.ds_tensor if hasattr(p, "ds_tensor") else p  # (ZeRO-3: this rank's partition)
 
     def remove_params(self, params: list[torch.Tensor]) -> None:
         raise NotImplementedError("refused at config load (self-guided training with DeepSpeed)")
