@@ -6,7 +6,7 @@ Reported per variant and seed: the validation curve against training FLOPs (the 
 token visits), the final validation loss, and the load balance over training (coefficient of variation of the
 tokens per expert, averaged over the MoE layers). Runs are cached in OUT/runs, so an interrupted experiment resumes.
 
-    python experiments/moe.py                  # CPU: 4 x 128, 300 steps, 2 seeds, about 15 minutes
+    python experiments/moe.py                  # CPU: 4 x 128, 300 steps, 3 seeds, about 25 minutes
     python experiments/moe.py --scale gpu      # 12 x 512, 2000 steps, 3 seeds
     python experiments/moe.py --scale toy      # seconds: what the test suite runs
 """
@@ -29,7 +29,7 @@ SCALES = {
             "variants": ["dense", "top2", "hash"]},
     "cpu": {"model": ["model.hidden_size=128", "model.num_heads=4", "model.num_kv_heads=0", "train.precision=fp32",
                       "data.prefix={out}/cache/corpus"],
-            "layers": 4, "ffn": 352, "steps": 300, "seq": 128, "batch": 16, "eval": 25, "seeds": [1234, 1235]},
+            "layers": 4, "ffn": 352, "steps": 300, "seq": 128, "batch": 16, "eval": 25, "seeds": [1234, 1235, 1236]},
     "gpu": {"model": ["model.hidden_size=512", "model.num_heads=8", "model.num_kv_heads=0", "train.precision=bf16",
                       "data.prefix={out}/cache/corpus"],
             "layers": 12, "ffn": 1408, "steps": 2000, "seq": 512, "batch": 32, "eval": 100, "seeds": [1234, 1235, 1236]},

@@ -42,6 +42,12 @@ def _run(cfg) -> int:
     return EXIT_PREEMPTED if result.get("preempted") else 0
 
 
+def _plan(args) -> int:
+    from pretrain.plan.report import run
+
+    return run(args)
+
+
 def _preprocess(args) -> int:
     from pretrain.data import corpus
     from pretrain.data.prepare import ensure_tokenizer, token_prefix
@@ -371,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--from-run", help="take measured F/I/W durations from this run directory's metrics.jsonl")
     sched.add_argument("--out", help="write the timeline image here (.png, .svg, .pdf)")
     sched.set_defaults(fn=_schedule)
+    plan = with_config(verbs.add_parser("plan", help="memory and step time of a run's layouts on a cluster, the "
+                                        "fastest that fit, and the overrides for it"))
+    from pretrain.plan.report import add_arguments as plan_arguments
+
+    plan_arguments(plan)
+    plan.set_defaults(fn=_plan)
     config = with_config(verbs.add_parser("config", help="print the resolved config, or every key with its doc"),
                          optional=True)
     config.add_argument("--get", metavar="KEY", help="print only this key's value (e.g. train.run_dir)")

@@ -126,6 +126,8 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("ids beyond the vocabulary", [*train, f"data.blend=[{{path: {w}/big_ids}}]", "model.vocab_size=640",
                                        "data.split=100,0,0", *fresh], "token id"),
         ("sequence too long for memory", [*train, "data.seq_len=2000000", *fresh], "train.preflight=false"),
+        ("model too large for memory", [*train, "model.hidden_size=8192", "model.num_layers=48", "model.num_heads=64",
+                                        *fresh], "`pretrain plan CONFIG` ranks the layouts that fit"),
         ("new run over an old one", [*train, f"train.run_dir={run}", "train.resume=never"], "train.resume=overwrite"),
         ("resume from a path that is no checkpoint", [*train, *fresh, f"train.resume={w}"],
          "not a complete checkpoint"),

@@ -17,6 +17,8 @@ the bubble fraction and the activations each rank holds at its peak.
 
 from __future__ import annotations
 
+import functools
+
 from collections import deque
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -71,9 +73,12 @@ def compute_order(name: str, pp: int, microbatches: int, virtual: int = 1) -> Or
         if microbatches < pp:
             raise ValueError(f"1F1B needs at least as many microbatches as stages ({pp})")
         return {r: _one_f_one_b(r, pp, microbatches, split=name == "1f1b_2bp") for r in range(pp)}
-    cls = TORCH_SCHEDULES[name]
+    # The schedule classes compute every rank's order at construction, then add the communication the runtime
+    # needs (slow for many microbatches, and not needed here).
+    cls = type(f"_Order{TORCH_SCHEDULES[name].__name__}", (TORCH_SCHEDULES[name],),
+               {"_prepare_schedule_with_comms": lambda self, *args, **kwargs: None})
     n_local = stages_per_rank(name, virtual)
-    # The schedule classes compute every rank's order at construction; they read only these stage fields.
+    # They read only these stage fields.
     stages = [SimpleNamespace(num_stages=pp * n_local, group_size=pp, group_rank=0, submod=None, stage_index=i)
               for i in range(n_local)]
     if issubclass(cls, PipelineScheduleSingle):
@@ -101,6 +106,13 @@ def _one_f_one_b(rank: int, pp: int, microbatches: int, split: bool) -> list[Act
     return actions + ([Action(rank, BACKWARD_WEIGHT, m) for m in pending] if split else [])
 
 
+@functools.lru_cache(maxsize=1024)
+def cached_order(name: str, pp: int, microbatches: int, virtual: int = 1) -> Order:
+    """``compute_order``, computed once per arguments (torch builds some orders slowly): read it, never change it."""
+    return compute_order(name, pp, microbatches, virtual)
+
+
+@functools.lru_cache(maxsize=4096)
 def check_schedule(name: str, pp: int, microbatches: int, virtual: int) -> str | None:
     """Why ``name`` cannot run pp ranks x virtual stages on this many microbatches, or None."""
     if name in ONE_STAGE_PER_RANK and virtual != 1:
@@ -108,7 +120,7 @@ def check_schedule(name: str, pp: int, microbatches: int, virtual: int) -> str |
     if name in V_SHAPED and virtual != 2:
         return f"{name} runs exactly two stages per rank in a V, but parallel.pp_virtual is {virtual} (set it to 2)"
     try:
-        order = compute_order(name, pp, microbatches, virtual)
+        order = cached_order(name, pp, microbatches, virtual)
         validate_schedule(order, pp, pp * stages_per_rank(name, virtual), microbatches)
     except (ValueError, AssertionError, KeyError) as e:
         return f"{name} cannot run {microbatches} microbatches on {pp} ranks ({str(e).splitlines()[0]})"

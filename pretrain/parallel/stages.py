@@ -12,6 +12,7 @@ get their gradient in whichever stage computed them and no loss value travels be
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import replace
@@ -115,12 +116,24 @@ def _balance_stages(embed: float, blocks: list[float], head: float, num_stages: 
     return counts[::-1]
 
 
+@functools.lru_cache(maxsize=1024)
+def _cached_balance(embed: float, blocks: tuple[float, ...], head: float, num_stages: int,
+                    ranks: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(balance(embed, list(blocks), head, num_stages, list(ranks)))
+
+
+def _balanced(costs: tuple[float, list[float], float], num_stages: int, ranks: tuple[int, ...]) -> list[int]:
+    """``balance`` once per distinct costs (a layout search asks for the same split many times)."""
+    embed, blocks, head = costs
+    return list(_cached_balance(embed, tuple(blocks), head, num_stages, ranks))
+
+
 def stage_blocks(cfg: RunConfig) -> list[list[str]]:
     """The global block keys of every stage, in stage order."""
     p, num_layers = cfg.parallel, cfg.model.num_layers
     num_stages = p.pp * schedules.stages_per_rank(p.pp_schedule, p.pp_virtual)
     ranks = schedules.stage_ranks(p.pp_schedule, p.pp, p.pp_virtual)
-    counts = list(p.pp_layout) or balance(*stage_costs(cfg), num_stages, [ranks[s] for s in range(num_stages)])
+    counts = list(p.pp_layout) or _balanced(stage_costs(cfg), num_stages, tuple(ranks[s] for s in range(num_stages)))
     starts = [sum(counts[:s]) for s in range(num_stages + 1)]
     layout = [[str(i) for i in range(starts[s], starts[s + 1])] for s in range(num_stages)]
     placed = [int(k) for keys in layout for k in keys]
