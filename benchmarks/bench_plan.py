@@ -33,7 +33,7 @@ GPT = ["model.vocab_size=51200", "model.num_kv_heads=0", "model.ffn.activation=g
 def gpt(heads: int, hidden: int, layers: int, tp: int, pp: int, dp: int, mb: int, gbs: int, virtual: int = 1) -> list:
     sched = ["parallel.pp_schedule=interleaved_1f1b", f"parallel.pp_virtual={virtual}"] if virtual > 1 else []
     return [*GPT, f"model.num_heads={heads}", f"model.hidden_size={hidden}", f"model.num_layers={layers}",
-            f"model.ffn_hidden_size={4 * hidden}", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp_shard=1",
+            f"model.ffn_hidden_size={4 * hidden}", f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.dp_shard=1",
             f"parallel.dp_replicate={dp}", f"data.micro_batch_size={mb}", f"data.global_batch_size={gbs}", *sched]
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import REPO
+
+ENV = {**os.environ, "PRETRAIN_EXPERIMENTS_IN_PROCESS": "1"}  # one process per script, not per run (runner.py)
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +23,7 @@ def out(tmp_path_factory):
 def test_growth_stack_experiment_runs_at_toy_size(out):
     tmp_path = out
     result = subprocess.run([sys.executable, "experiments/growth_stack.py", "--scale", "toy", "--out", str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "growth_stack.json").read_text())
     seed = data["seeds"]["1"]
@@ -33,7 +36,7 @@ def test_growth_stack_experiment_runs_at_toy_size(out):
 def test_assembly_experiment_runs_at_toy_size(out):
     tmp_path = out
     result = subprocess.run([sys.executable, "experiments/assembly.py", "--scale", "toy", "--out", str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "assembly.json").read_text())
     seed = data["seeds"]["1"]
@@ -48,7 +51,7 @@ def test_assembly_experiment_runs_at_toy_size(out):
 
 def test_norms_experiment_runs_at_toy_size(out):
     result = subprocess.run([sys.executable, "experiments/norms.py", "--scale", "toy", "--out", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((out / "norms.json").read_text())
     assert set(data["variants"]) == {"pre_ln", "post_ln", "lns"}
@@ -62,7 +65,7 @@ def test_norms_experiment_runs_at_toy_size(out):
 
 def test_moe_experiment_runs_at_toy_size(out):
     result = subprocess.run([sys.executable, "experiments/moe.py", "--scale", "toy", "--out", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((out / "moe.json").read_text())
     assert set(data["variants"]) == {"dense", "top2", "hash"}

@@ -18,7 +18,6 @@ the bubble fraction and the activations each rank holds at its peak.
 from __future__ import annotations
 
 import functools
-
 from collections import deque
 from dataclasses import dataclass
 from types import SimpleNamespace

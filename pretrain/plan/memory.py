@@ -175,9 +175,9 @@ def stage_layers(cfg: RunConfig) -> list[list[int]]:
 def estimate(cfg: RunConfig, device_type: str = "cuda") -> MemoryEstimate:
     """Per-rank memory of ``cfg`` (vocab_size resolved, precision concrete). ``device_type`` decides whether the
     blocked attention kernel's probabilities count (``model.attention_kernel``)."""
-    from pretrain.models.attention import uses_blocked_kernel
-
     import torch
+
+    from pretrain.models.attention import uses_blocked_kernel
 
     m, d, p, tr = cfg.model, cfg.data, cfg.parallel, cfg.train
     precision = "bf16" if tr.precision == "bf16" else "fp32"

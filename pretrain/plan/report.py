@@ -10,11 +10,11 @@ import sys
 from pretrain.config import RunConfig, load_config
 from pretrain.config.run import resolve
 from pretrain.errors import UserError
+from pretrain.paths import require_writable_file
 from pretrain.plan import hardware
 from pretrain.plan.memory import GiB, describe
 from pretrain.plan.search import Candidate, evaluate, rank
 from pretrain.plan.timing import Cluster
-from pretrain.paths import require_writable_file
 
 
 def resolved_config(cfg: RunConfig, device_type: str) -> RunConfig:
