@@ -77,3 +77,20 @@ def test_moe_experiment_runs_at_toy_size(out):
     flops = {name: seeds["1"]["curve"][-1][0] for name, seeds in data["variants"].items()}
     assert abs(flops["top2"] / flops["dense"] - 1) < 0.05 and abs(flops["hash"] / flops["dense"] - 1) < 0.05
     assert (out / "moe.png").stat().st_size > 0 and "dense" in result.stdout
+
+
+def test_structured_experiment_runs_at_toy_size(out):
+    result = subprocess.run([sys.executable, "experiments/structured.py", "--scale", "toy", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((out / "structured.json").read_text())
+    summary = data["final_val_loss"]
+    assert set(summary) == {"dense", "lowrank_32", "blockshuffle_32", "lowrank_32_sgt_same_flops"}
+    assert summary["dense"]["ffn_param_share"] == 1.0
+    assert all(0.25 < summary[name]["ffn_param_share"] < 0.4 for name in summary if name != "dense")
+    # equal compute: every variant ends within one step's FLOPs of the dense run's budget, the guide counted
+    flops = {name: seeds["1"]["flops"] for name, seeds in data["variants"].items()}
+    steps = {name: seeds["1"]["steps"] for name, seeds in data["variants"].items()}
+    assert all(abs(flops[n] / flops["dense"] - 1) < 1.5 / steps[n] + 0.02 for n in flops), flops
+    assert steps["lowrank_32"] > steps["dense"]  # the cheaper FFN trains longer on the same budget
+    assert (out / "structured.png").stat().st_size > 0
