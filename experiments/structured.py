@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from dataclasses import replace
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
