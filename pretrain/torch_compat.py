@@ -127,3 +127,19 @@ def defer_weight_backward(stage, microbatch: int, state: tuple) -> None:
 def pop_deferred_weight_backward(stage, microbatch: int) -> tuple:
     stage.dw_runner.pop(microbatch)
     return stage.backward_state.pop(microbatch)
+
+
+def profiled_cpu_allocations(prof) -> list[tuple[int, int]]:
+    """(time ns, bytes: + allocated, - freed) of every CPU allocation event a ``torch.profiler.profile(
+    profile_memory=True)`` recorded, in time order (the measurement `pretrain plan` is checked against,
+    ``plan/validate.py``). The profiler's event tree is private (``kineto_results.experimental_event_tree`` and
+    ``_EventType``); the public ``export_memory_timeline`` categorises tensors but asserts on DTensor graphs."""
+    from torch._C._profiler import _EventType
+
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
+            events.append((node.start_time_ns, node.typed[1].alloc_size))
+        stack.extend(node.children)
+    return sorted(events)

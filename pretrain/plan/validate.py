@@ -46,16 +46,10 @@ def resident_bytes(model, optimizer) -> float:
 
 def allocation_peak(prof) -> float:
     """The highest running sum of the CPU allocations (positive) and frees (negative) the profile recorded."""
-    from torch._C._profiler import _EventType
+    from pretrain.torch_compat import profiled_cpu_allocations
 
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
-            events.append((node.start_time_ns, node.typed[1].alloc_size))
-        stack.extend(node.children)
     running = peak = 0
-    for _, size in sorted(events):
+    for _, size in profiled_cpu_allocations(prof):
         running += size
         peak = max(peak, running)
     return float(peak)
