@@ -53,6 +53,10 @@ PLAN = {
     "blockshuffle": ["tp2", "tp2_sp"],
 }
 CASES = [(kind, layout) for kind, layouts in PLAN.items() for layout in layouts]
+# Resumed in one process: every layout once (dense), and each other kind under the layout that reshards it most.
+RESUMED = {("dense", layout) for layout in PLAN["dense"]} | {
+    ("moe", "ep2"), ("moe", "ep2_tp2"), ("moe", "tp2_sp"), ("moe_global", "ep2_mb4"), ("lowrank_sgt", "tp2_dp2"),
+    ("blockdense", "tp2_sp"), ("blockshuffle", "tp2_sp")}
 STEPS = ["train.max_steps=6", "train.stop_at_step=5", "checkpoint.interval=5", "train.eval_interval=0",
          "train.log_interval=1", "optim.warmup_steps=1"]
 
@@ -88,7 +92,7 @@ def runs(tmp_path_factory, shared_cache):
             f"train.run_dir={tmp}/{kind}_from_single", f"train.resume={ref_ckpt}", "train.stop_at_step=0"]})
     for nproc, job_list in jobs.items():
         torchrun(nproc, job_list, tmp)
-    for kind, layout in CASES:  # each layout's checkpoint resumed in one process
+    for kind, layout in RESUMED:  # a checkpoint of every layout (and of each kind's resharded weights) in one process
         resume_in_one_process(base + KINDS[kind], tmp / f"resume_{kind}_{layout}", tmp / f"{kind}_{layout}", 5)
     return tmp
 
@@ -101,8 +105,9 @@ def test_layout_matches_single_process(runs, kind, layout):
     assert abs(a[1] - b[1]) <= 1e-5 * abs(a[1])
     for step in range(1, 6):
         assert abs(a[step] - b[step]) <= 1e-4, (step, a[step], b[step])
-    resumed = losses(runs / f"resume_{kind}_{layout}")  # saved under the layout, resumed in one process
-    assert sorted(resumed) == [6] and abs(resumed[6] - a[6]) <= 1e-4
+    if (kind, layout) in RESUMED:  # saved under the layout, resumed in one process
+        resumed = losses(runs / f"resume_{kind}_{layout}")
+        assert sorted(resumed) == [6] and abs(resumed[6] - a[6]) <= 1e-4
 
 
 @pytest.mark.slow

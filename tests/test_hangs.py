@@ -56,8 +56,8 @@ def worker(rank: int, run_dir: Path) -> int:
 @pytest.mark.slow
 def test_a_stopped_rank_is_named_by_the_watchdog_and_the_collective_timeout(tiny_overrides, tmp_path):
     run_dir = tmp_path / "run"
-    proc = launch(tiny_overrides, run_dir, "train.max_steps=2000", "parallel.collective_timeout_s=10",
-                  "train.watchdog_min_s=3", "train.watchdog_factor=5")
+    proc = launch(tiny_overrides, run_dir, "train.max_steps=2000", "parallel.collective_timeout_s=6",
+                  "train.watchdog_min_s=2", "train.watchdog_factor=5")
     stopped = None
     try:
         wait_for_steps(run_dir, 3, proc)
@@ -76,7 +76,7 @@ def test_a_stopped_rank_is_named_by_the_watchdog_and_the_collective_timeout(tiny
                 os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode not in (0, 2, 75)
     assert "[watchdog] rank 0: step" in err and "has taken" in err, err[-3000:]
-    assert "rank 0: a collective did not complete within parallel.collective_timeout_s=10 s during step" in err, (
+    assert "rank 0: a collective did not complete within parallel.collective_timeout_s=6 s during step" in err, (
         err[-3000:])
 
 
