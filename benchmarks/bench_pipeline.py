@@ -8,7 +8,8 @@ hit every schedule alike). Reported per configuration: median step time over the
 of its schedule wall time), each rank's peak memory, the mean F / I / W / B action times, and two theoretical
 bubbles from replaying the same action order (``parallel/schedules.py``): with F = I = W (the zero-bubble
 paper's assumption) and with the F / I / W times this run measured. Then the 2BP speed-up over 1F1B (and
-GPipe) at equal microbatches. Timings are reported, never asserted.
+GPipe) at equal microbatches, and pp 4 and 8 simulated with the measured F / I / W times (``deeper``). Timings
+are reported, never asserted.
 
     python benchmarks/bench_pipeline.py --out pipeline.json
 """
@@ -131,9 +132,39 @@ def main() -> None:
             if f"{split}_m{m}" in runs and f"{whole}_m{m}" in runs:
                 results["speedup"][f"{split}_over_{whole}_m{m}"] = (
                     runs[f"{whole}_m{m}"]["step_time_s"] / runs[f"{split}_m{m}"]["step_time_s"])
+    results["deeper"] = deeper(runs)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     for key, value in results["speedup"].items():
         print(f"{key}: {value:.3f}x")
+    for row in results["deeper"]:
+        print(f"pp {row['pp']} m {row['microbatches']:>2} {row['schedule']:<17} bubble {row['bubble']:.3f}  "
+              f"throughput {row['throughput_vs_1f1b']:.3f}x 1F1B")
+
+
+def deeper(runs: dict) -> list[dict]:
+    """pp 4 and 8 from the F, I, W milliseconds this run measured (the 2BP run with the most microbatches): the same
+    model split into p x v stages, each stage's action time the measured one x 2 / (p v); the schedule simulator's
+    bubble and throughput against 1F1B at 2p and 4p microbatches."""
+    from pretrain.parallel import schedules
+
+    measured = [r for r in runs.values() if "i_ms" in r and "w_ms" in r]
+    if not measured:
+        return []
+    base = max(measured, key=lambda r: r["microbatches"])
+    rows = []
+    for pp in (4, 8):
+        for micro in (2 * pp, 4 * pp):
+            times = {}
+            for name, virtual in (("1f1b", 1), ("1f1b_2bp", 1), ("interleaved_1f1b", 2), ("zbv", 2)):
+                scale = 2 / (pp * virtual)
+                cost = {"F": base["f_ms"] * scale, "I": base["i_ms"] * scale, "W": base["w_ms"] * scale}
+                order = schedules.compute_order(name, pp, micro, virtual)
+                t = schedules.simulate(order, pp * schedules.stages_per_rank(name, virtual), cost)
+                times[name] = (t.makespan, t.bubble_fraction)
+            for name, (makespan, bubble) in times.items():
+                rows.append({"pp": pp, "microbatches": micro, "schedule": name, "bubble": bubble,
+                             "makespan_ms": makespan, "throughput_vs_1f1b": times["1f1b"][0] / makespan})
+    return rows
 
 
 if __name__ == "__main__":
