@@ -42,6 +42,9 @@ def resolved_config(cfg: RunConfig, device_type: str) -> RunConfig:
 def build_cluster(args) -> Cluster:
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise UserError("--nodes and --gpus-per-node must be at least 1.")
+    if args.efficiency is not None and not 0 < args.efficiency <= 1:
+        raise UserError(f"--efficiency {args.efficiency}: the achieved fraction of the matmul peak lies in (0, 1], "
+                        "e.g. 0.45.")
     if args.gpu == "cpu":
         import torch
 
@@ -77,7 +80,15 @@ HEADER = (f"{'tp':>3} {'pp':>3} {'schedule':<18} {'shard':>5} {'repl':>5} {'ep':
 def run(args) -> int:
     cluster = build_cluster(args)
     cfg = resolved_config(load_config(args.config, args.overrides), "cpu" if args.gpu == "cpu" else "cuda")
-    micro = [int(x) for x in args.micro_batch_sizes.split(",")] if args.micro_batch_sizes else None
+    micro = None
+    if args.micro_batch_sizes:
+        try:
+            micro = [int(x) for x in args.micro_batch_sizes.split(",")]
+        except ValueError:
+            micro = []
+        if not micro or min(micro) < 1:
+            raise UserError(f"--micro-batch-sizes {args.micro_batch_sizes!r}: give positive integers separated by "
+                            "commas, such as 1,2,4.")
     ranked = rank(cfg, cluster, micro, progress=lambda n: print(f"  ... {n} layouts evaluated", file=sys.stderr,
                                                                  flush=True))
     fit = [c for c in ranked if c.fits]
