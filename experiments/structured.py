@@ -8,7 +8,7 @@ trainer's FLOP count does not include it, so the curves here add it). Reported p
 validation curve against FLOPs and the final validation loss. Runs are cached in OUT/runs, so an interrupted
 experiment resumes.
 
-    python experiments/structured.py                  # CPU: 4 x 128, dense 300 steps, 2 seeds, about 25 minutes
+    python experiments/structured.py                  # CPU: 4 x 128, dense 300 steps, 3 seeds, about 35 minutes
     python experiments/structured.py --scale gpu      # 12 x 768, dense 2000 steps, 3 seeds
     python experiments/structured.py --scale toy      # seconds: what the test suite runs
 """
@@ -32,7 +32,8 @@ SCALES = {
             "variants": ["dense", "lowrank_32", "blockshuffle_32", "lowrank_32_sgt_same_flops"]},
     "cpu": {"model": ["model.num_heads=4", "model.num_kv_heads=0", "train.precision=fp32",
                       "data.prefix={out}/cache/corpus"],
-            "d": 128, "f": 384, "layers": 4, "steps": 300, "seq": 128, "batch": 16, "eval": 25, "seeds": [1234, 1235]},
+            "d": 128, "f": 384, "layers": 4, "steps": 300, "seq": 128, "batch": 16, "eval": 25,
+            "seeds": [1234, 1235, 1236]},
     "gpu": {"model": ["model.num_heads=12", "model.num_kv_heads=0", "train.precision=bf16",
                       "data.prefix={out}/cache/corpus"],
             "d": 768, "f": 2304, "layers": 12, "steps": 2000, "seq": 512, "batch": 32, "eval": 100,
