@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import REPO, device_name, train, validation, write  # noqa: E402
+from runner import device_name, output_dir, save_figure, seed_summary, train, validation, write  # noqa: E402
 
 SCALES = {
     "toy": {"model": ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=0", "tokenizer.vocab_size=600",
@@ -81,9 +81,7 @@ def run(scale: str, out: Path, log=print) -> dict:
                                                   "final_load_cv": cv[-1][1] if cv else None}
             log(f"  {name} seed {seed}: final val loss {curve[-1][1]:.4f}"
                 + (f", load CV {cv[-1][1]:.3f}" if cv else ""))
-    summary = {name: {"mean": statistics.mean(v["final_val_loss"] for v in seeds.values()),
-                      "min": min(v["final_val_loss"] for v in seeds.values()),
-                      "max": max(v["final_val_loss"] for v in seeds.values())} for name, seeds in results.items()}
+    summary = seed_summary(results)
     result = {"scale": scale, "device": device_name(), "settings": s, "variants": results, "final_val_loss": summary,
               "command": f"python experiments/moe.py --scale {scale}"}
     write(out, "moe", result)
@@ -110,9 +108,7 @@ def plot(result: dict, path: Path) -> None:
     loss_ax.legend(fontsize=8)
     fig.suptitle(f"MoE vs dense at equal active parameters ({result['scale']}, {len(result['settings']['seeds'])} "
                  "seed(s))", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -120,8 +116,7 @@ def main() -> None:
     parser.add_argument("--scale", choices=list(SCALES), default="cpu")
     parser.add_argument("--out", default=None, help="default experiments/out/moe (_gpu for --scale gpu)")
     args = parser.parse_args()
-    out = Path(args.out or f"experiments/out/moe{'_gpu' if args.scale == 'gpu' else ''}")
-    result = run(args.scale, out if out.is_absolute() else REPO / out)
+    result = run(args.scale, output_dir(args.out, "moe", args.scale))
     for name, summary in result["final_val_loss"].items():
         print(f"{name:<19} final validation loss {summary['mean']:.4f} (seeds {summary['min']:.4f}-{summary['max']:.4f})")
 

@@ -14,14 +14,13 @@ turn (how much the model uses it). Runs are cached in OUT/runs, so an interrupte
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import REPO, device_name, metrics, train, validation, write  # noqa: E402
+from runner import device_name, metrics, output_dir, save_figure, seed_summary, train, validation, write  # noqa: E402
 
 SCALES = {
     "toy": {"model": ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=0", "model.ffn_hidden_size=128",
@@ -116,9 +115,7 @@ def run(scale: str, out: Path, log=print, only_seeds: list[int] | None = None) -
                 "held_out_loss": full, "loss_without_block": removed,
                 "skipped_steps": max((r.get("skipped_steps", 0) for r in records), default=0)}
             log(f"  {name} seed {seed}: final val loss {curve[-1][1]:.4f}")
-    summary = {name: {"mean": statistics.mean(v["final_val_loss"] for v in seeds.values()),
-                      "min": min(v["final_val_loss"] for v in seeds.values()),
-                      "max": max(v["final_val_loss"] for v in seeds.values())} for name, seeds in results.items()}
+    summary = seed_summary(results)
     result = {"scale": scale, "device": device_name(), "settings": s, "variants": results, "final_val_loss": summary,
               "command": f"python experiments/norms.py --scale {scale}"
                          + (f" --seeds {' '.join(map(str, only_seeds))}" if only_seeds else "")}
@@ -157,9 +154,7 @@ def plot(result: dict, path: Path) -> None:
     s = result["settings"]
     fig.suptitle(f"norm placements, {s['layers']} blocks, lr {s['lr']}, {len(s['seeds'])} seed(s) ({result['scale']})",
                  fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -168,8 +163,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default experiments/out/norms (_gpu for --scale gpu)")
     parser.add_argument("--seeds", type=int, nargs="*", help="these seeds instead of the scale's")
     args = parser.parse_args()
-    out = Path(args.out or f"experiments/out/norms{'_gpu' if args.scale == 'gpu' else ''}")
-    result = run(args.scale, out if out.is_absolute() else REPO / out, only_seeds=args.seeds)
+    result = run(args.scale, output_dir(args.out, "norms", args.scale), only_seeds=args.seeds)
     for name, summary in result["final_val_loss"].items():
         print(f"{name:<9} final validation loss {summary['mean']:.4f} (seeds {summary['min']:.4f}-{summary['max']:.4f})")
 

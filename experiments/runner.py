@@ -112,3 +112,26 @@ def write(out: Path, name: str, result: dict) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path
+
+
+def seed_summary(results: dict) -> dict:
+    """{variant: {mean, min, max}} of the final validation loss over the seeds of ``results[variant][seed]``."""
+    import statistics
+
+    return {name: {"mean": statistics.mean(v["final_val_loss"] for v in seeds.values()),
+                   "min": min(v["final_val_loss"] for v in seeds.values()),
+                   "max": max(v["final_val_loss"] for v in seeds.values())} for name, seeds in results.items()}
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def output_dir(given: str | None, name: str, scale: str) -> Path:
+    """--out, or experiments/out/NAME (NAME_gpu for --scale gpu), relative to the repository."""
+    out = Path(given or f"experiments/out/{name}{'_gpu' if scale == 'gpu' else ''}")
+    return out if out.is_absolute() else REPO / out

@@ -16,13 +16,12 @@ experiment resumes.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import REPO, device_name, train, validation, write  # noqa: E402
+from runner import REPO, device_name, output_dir, save_figure, seed_summary, train, validation, write  # noqa: E402
 
 SCALES = {
     "toy": {"model": ["model.num_heads=4", "model.num_kv_heads=0", "tokenizer.vocab_size=600",
@@ -118,10 +117,7 @@ def run(scale: str, out: Path, log=print) -> dict:
             results.setdefault(name, {})[seed] = {"final_val_loss": curve[-1][1], "curve": curve, "steps": steps,
                                                   "flops": curve[-1][0]}
             log(f"  {name} seed {seed}: {steps} steps, final val loss {curve[-1][1]:.4f}")
-    summary = {name: {"mean": statistics.mean(v["final_val_loss"] for v in seeds.values()),
-                      "min": min(v["final_val_loss"] for v in seeds.values()),
-                      "max": max(v["final_val_loss"] for v in seeds.values()), "ffn_param_share": shares[name]}
-               for name, seeds in results.items()}
+    summary = {name: {**v, "ffn_param_share": shares[name]} for name, v in seed_summary(results).items()}
     result = {"scale": scale, "device": device_name(), "settings": s, "variants": results, "final_val_loss": summary,
               "command": f"python experiments/structured.py --scale {scale}"}
     write(out, "structured", result)
@@ -143,9 +139,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set(title=f"structured FFNs at equal training FLOPs ({result['scale']}, {len(result['settings']['seeds'])} "
                  "seed(s))", xlabel="training FLOPs", ylabel="validation loss")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -153,8 +147,7 @@ def main() -> None:
     parser.add_argument("--scale", choices=list(SCALES), default="cpu")
     parser.add_argument("--out", default=None, help="default experiments/out/structured (_gpu for --scale gpu)")
     args = parser.parse_args()
-    out = Path(args.out or f"experiments/out/structured{'_gpu' if args.scale == 'gpu' else ''}")
-    result = run(args.scale, out if out.is_absolute() else REPO / out)
+    result = run(args.scale, output_dir(args.out, "structured", args.scale))
     for name, summary in result["final_val_loss"].items():
         print(f"{name:<26} FFN params {summary['ffn_param_share']:.0%}  final validation loss {summary['mean']:.4f} "
               f"(seeds {summary['min']:.4f}-{summary['max']:.4f})")
