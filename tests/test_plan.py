@@ -157,3 +157,18 @@ def test_plan_cli_prints_the_best_layout_and_writes_json(tmp_path):
     assert "your layout:" in done.stdout and "overrides: parallel.tp=" in done.stdout
     data = json.loads(out.read_text())
     assert data["own_layout"]["dp_shard"] == 8 and data["layouts"][0]["fits"]
+
+
+def test_zero_stages_and_hsdp_shard_what_they_promise():
+    """ZeRO-1 partitions the moments, ZeRO-2 the gradients too, ZeRO-3 the weights too, offload moves the moments
+    off the device; HSDP's model state per rank is FSDP's over its shard group."""
+    base = load_config(REPO / "configs/plan/llama3_8b.yaml", ["parallel.param_dtype=fp32"])
+    ds = base.replace(parallel={"engine": "deepspeed", "dp_shard": 8})
+    parts = [estimate(ds.replace(parallel={"zero_stage": z})).worst.parts for z in (1, 2, 3)]
+    state = [p["weights (fp32)"] + p["gradients (fp32)"] + p["AdamW moments"] for p in parts]
+    assert state[0] > state[1] > state[2] and parts[0]["AdamW moments"] == parts[2]["AdamW moments"]
+    offloaded = estimate(ds.replace(parallel={"zero_stage": 3, "offload_optimizer": True})).worst.parts
+    assert offloaded["AdamW moments"] == 0
+    hsdp = estimate(base.replace(parallel={"dp_shard": 4, "dp_replicate": 2})).worst.parts
+    fsdp4 = estimate(base.replace(parallel={"dp_shard": 4}, data={"global_batch_size": 8})).worst.parts
+    assert hsdp["weights (fp32)"] == fsdp4["weights (fp32)"]
