@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pretrain.config import RunConfig
 from pretrain.config.model import ModelConfig
 from pretrain.models.block import is_moe_block
-from pretrain.models.transformer import _ffn_params
+from pretrain.models.transformer import _NORM_PARAMS, _ffn_params
 from pretrain.parallel import schedules
 
 GiB = 2**30
-_NORM_PARAMS = {"rmsnorm": 1, "layernorm": 2, "dyt": 2}  # per hidden feature (DyT: weight, bias; alpha is one)
 
 
 @dataclass
@@ -34,7 +33,7 @@ class BlockParams:
 
 def block_params(m: ModelConfig, i: int) -> BlockParams:
     d, kv = m.hidden_size, m.kv_heads * m.head_dim
-    norms = (4 if m.norm_placement == "sandwich" else 2) * _NORM_PARAMS[m.norm] * d
+    norms = (4 if m.norm_placement == "sandwich" else 2) * _NORM_PARAMS[m.norm](d)
     attn = 2 * d * d + 2 * d * kv
     if not is_moe_block(m, i):
         return BlockParams(attn + _ffn_params(m, i, m.ffn_size), norms, 0)
@@ -210,7 +209,7 @@ def estimate(cfg: RunConfig, device_type: str = "cuda") -> MemoryEstimate:
                 dense += m.vocab_size * m.hidden_size // p.tp
                 acts += tokens * 4 * m.hidden_size / (p.tp if p.sequence_parallel else 1)  # embedding output
             if s == last_stage:
-                dense += _NORM_PARAMS[m.norm] * m.hidden_size
+                dense += _NORM_PARAMS[m.norm](m.hidden_size)
                 if not m.tie_embeddings or 0 not in stages:
                     dense += m.vocab_size * m.hidden_size // p.tp
         holds_head = last_stage in stages
