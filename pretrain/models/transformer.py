@@ -7,6 +7,7 @@ every parallel layout and every device starts from the same values (docs/archite
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -109,17 +110,38 @@ def _ffn_params(cfg: ModelConfig, layer_idx: int, width: int) -> int:
     return n_in * linear(d, width) + linear(width, d)
 
 
-def _block_params(cfg: ModelConfig, layer_idx: int, active: bool) -> int:
-    """Matmul parameters of one block, and with ``active`` only those one token uses (top-k experts)."""
+@dataclass(frozen=True)
+class BlockParts:
+    """Matmul parameters of one block by role (norms excluded): how a layout splits them and how many a token
+    uses both follow from these."""
+    attention: int  # q, k, v and output projections
+    ffn: int  # the dense or structured FFN (0 in an MoE block)
+    router: int
+    shared_experts: int
+    expert: int  # one routed expert (0 in a dense block)
+    num_experts: int
+    top_k: int
+
+    def matmul(self, active: bool) -> int:
+        """All of the block's matmul parameters, or with ``active`` only those one token uses (top-k experts)."""
+        routed = (self.top_k if active else self.num_experts) * self.expert
+        return self.attention + self.ffn + self.router + self.shared_experts + routed
+
+
+def block_parts(cfg: ModelConfig, layer_idx: int) -> BlockParts:
     d, kv = cfg.hidden_size, cfg.kv_heads * cfg.head_dim
     attn = 2 * d * d + 2 * d * kv
     if not is_moe_block(cfg, layer_idx):
-        return attn + _ffn_params(cfg, layer_idx, cfg.ffn_size)
+        return BlockParts(attn, _ffn_params(cfg, layer_idx, cfg.ffn_size), 0, 0, 0, 0, 0)
     moe = cfg.moe
     expert = _ffn_params(cfg, layer_idx, moe.expert_ffn_hidden_size or cfg.ffn_size)
     router = {"topk_softmax": 1, "noisy_topk": 2, "hash": 0}[moe.router] * moe.num_experts * d
-    routed = (moe.top_k if active else moe.num_experts) * expert
-    return attn + router + routed + moe.num_shared_experts * expert
+    return BlockParts(attn, 0, router, moe.num_shared_experts * expert, expert, moe.num_experts, moe.top_k)
+
+
+def _block_params(cfg: ModelConfig, layer_idx: int, active: bool) -> int:
+    """Matmul parameters of one block, and with ``active`` only those one token uses (top-k experts)."""
+    return block_parts(cfg, layer_idx).matmul(active)
 
 
 def num_params(cfg: ModelConfig) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pretrain.config import RunConfig
 from pretrain.config.model import ModelConfig
 from pretrain.models.block import is_moe_block
-from pretrain.models.transformer import _NORM_PARAMS, _ffn_params
+from pretrain.models.transformer import _NORM_PARAMS, block_parts
 from pretrain.parallel import schedules
 
 GiB = 2**30
@@ -32,15 +32,9 @@ class BlockParams:
 
 
 def block_params(m: ModelConfig, i: int) -> BlockParams:
-    d, kv = m.hidden_size, m.kv_heads * m.head_dim
-    norms = (4 if m.norm_placement == "sandwich" else 2) * _NORM_PARAMS[m.norm](d)
-    attn = 2 * d * d + 2 * d * kv
-    if not is_moe_block(m, i):
-        return BlockParams(attn + _ffn_params(m, i, m.ffn_size), norms, 0)
-    moe = m.moe
-    expert = _ffn_params(m, i, moe.expert_ffn_hidden_size or m.ffn_size)
-    router = {"topk_softmax": 1, "noisy_topk": 2, "hash": 0}[moe.router] * moe.num_experts * d
-    return BlockParams(attn, norms + router + moe.num_shared_experts * expert, moe.num_experts * expert)
+    p = block_parts(m, i)
+    norms = (4 if m.norm_placement == "sandwich" else 2) * _NORM_PARAMS[m.norm](m.hidden_size)
+    return BlockParams(p.attention + p.ffn, norms + p.router + p.shared_experts, p.num_experts * p.expert)
 
 
 def activation_bytes_per_token(m: ModelConfig, i: int, precision: str, checkpointing: str, tp: int = 1,
