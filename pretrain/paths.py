@@ -34,3 +34,38 @@ def require_writable_file(path: str | Path, what: str) -> Path:
         raise UserError(f"{what} '{path}' is a directory; give the path of a file.")
     require_writable_dir(path.parent if str(path.parent) else Path("."), f"the directory of {what}")
     return path
+
+
+class RunDirLock:
+    """One run at a time in a run directory: an exclusive ``flock`` on RUN_DIR/.lock held while the process lives
+    (the kernel drops it when the process dies, so a killed run leaves no stale lock). Two runs in one directory would
+    interleave their metrics and delete each other's checkpoints. The same process may take it again (runs one after
+    another in one Python process); a file system without ``flock`` is not locked."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+        import socket
+        import time
+
+        self.file = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held open for the run's life
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip()
+            self.file.close()
+            if holder.startswith(f"process {os.getpid()} on {socket.gethostname()} "):
+                return
+            raise UserError(f"train.run_dir '{run_dir}' is in use by another run ({holder or 'a process'}); wait "
+                            "for it to end or stop it, or give this run another train.run_dir.") from None
+        except OSError:  # no flock on this file system
+            return
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+

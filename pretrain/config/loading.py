@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -157,8 +158,20 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(key, f"must be a string, got {value!r}.")
-        return str(value)
+        return _path(str(value), key) if key.rsplit(".", 1)[-1] in PATH_KEYS else str(value)
     return value
+
+
+PATH_KEYS = {"run_dir", "prefix", "path", "resume"}  # values naming files or directories
+REQUIRED_PATHS = {"train.run_dir", "data.prefix", "tokenizer.path"}  # an empty one would mean the current directory
+
+
+def _path(value: str, key: str) -> str:
+    """A path value with a leading ``~`` expanded (neither YAML nor an override's shell does it there); an empty
+    one refused where it would silently mean the current directory (an unset shell variable, say)."""
+    if not value.strip() and key in REQUIRED_PATHS:
+        raise ConfigError(key, "is empty (an unset shell variable?): give a directory or file path.")
+    return os.path.expanduser(value) if value.startswith("~") else value
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:

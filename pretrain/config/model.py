@@ -117,6 +117,9 @@ class ModelConfig:
         widths = [self.ffn_size] + ([moe.expert_ffn_hidden_size] if moe.num_experts and moe.expert_ffn_hidden_size else [])
         if f.kind in ("lowrank", "blockdense"):
             require(f.rank >= 1, "model.ffn.rank", f"{f.kind} needs a rank R >= 1 (e.g. hidden_size // 2).")
+            most = min(self.hidden_size, *widths)  # a factor of a d x d_ff matrix has at most min(d, d_ff) rank
+            require(f.rank <= most, "model.ffn.rank", f"{f.rank} is above what a {self.hidden_size} x {min(widths)} "
+                    f"FFN matrix has (at most {most}): lower it, e.g. model.ffn.rank={max(most // 2, 1)}.")
         if f.kind == "blockdense":
             require(f.rank % f.blocks == 0, "model.ffn.rank", f"rank {f.rank} must be divisible by blocks {f.blocks}.")
         if f.kind in ("blockdense", "blockshuffle"):

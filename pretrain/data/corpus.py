@@ -100,6 +100,10 @@ def source_documents(src: SourceConfig) -> Iterator[str]:
         if not files:
             raise UserError(f"data source '{src.path}' matches no file; fix data.sources[].path "
                             "(a file or a glob relative to where you run pretrain).")
+        folders = [f for f in files if os.path.isdir(f)]
+        if folders:
+            raise UserError(f"data source '{src.path}' names the directory '{folders[0]}'; give its files with a "
+                            f"glob, such as '{os.path.join(folders[0], '*.txt')}'.")
         if kind == "text":
             for file in files:
                 _check_text_file(file)

@@ -83,6 +83,8 @@ def build_datasets(cfg: RunConfig, blend: list[tuple[str, float]], tokenizer, ca
         if not IndexedDataset.exists(prefix):
             raise UserError(f"'{prefix}.bin/.idx' is not a megatron-core indexed dataset; check data.blend[].path "
                             "(a prefix without .bin/.idx) or run `pretrain preprocess CONFIG`.")
+    for prefix, _ in blend:
+        _check_split_documents(prefix, cfg.data.split, [train_samples, valid_samples])
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed, sequence_length=cfg.data.seq_len,
@@ -95,6 +97,23 @@ def build_datasets(cfg: RunConfig, blend: list[tuple[str, float]], tokenizer, ca
     if train is None or len(train) == 0:
         raise UserError("the training split holds no complete sample: add data or lower data.seq_len.")
     return train, valid
+
+
+def _check_split_documents(prefix: str, split: str, samples: list[int]) -> None:
+    """Every split samples are asked of gets at least one document of ``prefix`` (megatron-core cuts each
+    dataset's documents at the rounded split fractions, and asking samples of a split without documents loops
+    forever in its epoch count)."""
+    documents = len(IndexedDataset(prefix).document_indices) - 1
+    weights = [float(x) for x in split.split(",")]
+    bounds = [round(sum(weights[:i]) / sum(weights) * documents) for i in range(len(weights) + 1)]
+    for name, wanted, weight, start, end in zip(("training", "validation"), samples, weights[:2], bounds[:2],
+                                                bounds[1:3], strict=True):
+        if wanted > 0 and weight > 0 and end == start:
+            fix = ("add documents or raise the training weight" if name == "training" else
+                   "add documents, raise the validation weight, or give it weight 0 (e.g. data.split=100,0,0: "
+                   "no validation loss)")
+            raise UserError(f"data.split {split} gives the {name} split none of the {documents} documents of "
+                            f"'{prefix}': {fix}.")
 
 
 class GlobalBatches:

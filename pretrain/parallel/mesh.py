@@ -67,10 +67,16 @@ def world_from_env() -> tuple[int, int, int]:
 def setup(pcfg: ParallelConfig, device: torch.device) -> tuple[ParallelDims, torch.device]:
     """Check the layout against the started processes, init the process group and build the mesh."""
     rank, local_rank, world = world_from_env()
+    if rank >= world:
+        raise UserError(f"the environment sets RANK={rank} but WORLD_SIZE={os.environ.get('WORLD_SIZE', 'unset')}: a "
+                        "variable left over from another launcher? Unset RANK, LOCAL_RANK and WORLD_SIZE to train in one "
+                        "process, or start the processes with torchrun (or the scripts of launch/ and slurm/).")
     if world != pcfg.world_size:
-        raise UserError(f"{world} process(es) were started but the parallel layout needs {pcfg.world_size} "
-                        f"(dp_replicate {pcfg.dp_replicate} x dp_shard {pcfg.dp_shard} x tp {pcfg.tp} x pp {pcfg.pp}); "
-                        f"start {pcfg.world_size} (torchrun --nproc_per_node ...) or change parallel.*.")
+        stray = world > 1 and "TORCHELASTIC_RUN_ID" not in os.environ and "SLURM_JOB_ID" not in os.environ
+        raise UserError(f"{world} process(es) were started{f' (WORLD_SIZE={world} in the environment)' if stray else ''}"
+                        " but the parallel layout needs "
+                        f"{pcfg.world_size} (dp_replicate {pcfg.dp_replicate} x dp_shard {pcfg.dp_shard} x tp {pcfg.tp} "
+                        f"x pp {pcfg.pp}); start {pcfg.world_size} (torchrun --nproc_per_node ...) or change parallel.*.")
     dims = ParallelDims(pcfg, world, rank)
     if world == 1:
         return dims, device

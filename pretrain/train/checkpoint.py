@@ -235,9 +235,35 @@ def _read(path: Path, state: dict, no_dist: bool) -> None:
     except UserError:
         raise
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
-        raise UserError(f"checkpoint '{path}' could not be read ({type(e).__name__}: {str(e)[:300]}). It may be "
-                        "damaged or from another model shape: point train.resume at an older checkpoint, or "
-                        "train.resume=never to start over in a new train.run_dir.") from None
+        raise UserError(f"checkpoint '{path}' could not be read ({_reason(e)}); it may be damaged or written by "
+                        "another model shape: use an older checkpoint of the run (its step_NNNNNNN directory).") from None
+
+
+def _reason(error: BaseException) -> str:
+    """The last line of what went wrong, without the tracebacks DCP folds into its exceptions' text."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("Traceback", "File ", "(RANK", "^", "~"))]
+    return f"{type(error).__name__}: {(lines[-1] if lines else '')[:240]}"
+
+
+def model_differences(path: Path, model: dict) -> list[str]:
+    """``model.KEY: saved -> given`` for every model key in which the checkpoint's recorded config differs from
+    ``model`` (a config's ``to_dict()["model"]``); empty when the checkpoint records no config."""
+    import yaml
+
+    config = path / "config.yaml"
+    if not config.is_file():
+        return []
+    saved = (yaml.safe_load(config.read_text()) or {}).get("model", {})
+
+    def flat(d: dict, prefix: str) -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(saved, "model."), flat(model, "model.")
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
 def resolve(path: Path) -> Path:
@@ -294,7 +320,15 @@ def find_resume(root: Path, resume: str) -> Path | None:
 
 def read_state(path: Path) -> dict:
     """The trainer state of a complete checkpoint, without loading any tensor."""
-    return json.loads((path / "trainer_state.json").read_text())
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint '{path}' has an unreadable trainer_state.json ({type(e).__name__}: {e}); it is "
+                        "damaged: use an older checkpoint of the run (its step_NNNNNNN directory).") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UserError(f"checkpoint '{path}' has a trainer_state.json without its step; it is damaged: use an older "
+                        "checkpoint of the run (its step_NNNNNNN directory).")
+    return state
 
 
 def load(path: Path, restore: Callable[[Path], None]) -> dict:

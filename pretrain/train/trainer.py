@@ -36,7 +36,7 @@ from pretrain.growth.stages import (
 )
 from pretrain.models.transformer import num_params
 from pretrain.parallel import mesh
-from pretrain.paths import require_writable_dir
+from pretrain.paths import RunDirLock, require_writable_dir
 from pretrain.torch_compat import check_torch_version
 from pretrain.train import checkpoint, faults
 from pretrain.train.callbacks import Callback, method_callbacks
@@ -80,6 +80,7 @@ class Trainer:
                             "time: `pretrain assemble meta|incubate|join CONFIG`), or set assembly.modules=0 to train "
                             "the model end to end.")
         self.run_dir = require_writable_dir(cfg.train.run_dir, "train.run_dir")
+        self.run_lock = RunDirLock(self.run_dir) if self.rank == 0 else None  # before anything reads or deletes there
         self.ckpt_root = self.run_dir / "checkpoints"
         torch.manual_seed(cfg.train.seed)
 
@@ -175,12 +176,24 @@ class Trainer:
             problem = None if cfg.checkpoint.verify == "none" else checkpoint.damage(
                 path, checksums=cfg.checkpoint.verify == "checksums")
             if problem is None:
-                saved = checkpoint.read_state(path)
+                try:
+                    saved = checkpoint.read_state(path)
+                except UserError as e:
+                    if explicit:
+                        raise
+                    saved, problem = None, str(e)
+            if problem is None:
                 self._enter_stage(saved.get("stage", 0))
                 engine = build_engine(self.cfg, self.dims, self.device, saved["step"])
                 try:
                     state = checkpoint.load(path, engine.load_state)
                 except UserError as e:
+                    changed = checkpoint.model_differences(path, self.cfg.to_dict()["model"])
+                    if changed:  # not damage: this config builds another model than the one saved
+                        raise UserError(
+                            f"checkpoint '{path}' holds another model than this config builds ({'; '.join(changed)}). "
+                            "Set those keys back to resume the run, or start the new model in another "
+                            "train.run_dir (growing a trained model is `pretrain grow`).") from None
                     if explicit:
                         raise
                     problem = str(e)
