@@ -141,9 +141,24 @@ def _tokenizer_stats(args) -> int:
 
 
 def _export(args) -> int:
-    from pretrain.convert.hf import export_checkpoint
+    import warnings
 
-    out = export_checkpoint(args.checkpoint, args.out, keep_structured=args.keep_structured)
+    from pretrain.convert import hf
+
+    def write(out_dir: Path) -> Path:
+        return hf.export_checkpoint(args.checkpoint, out_dir, keep_structured=args.keep_structured)
+
+    again = hf.is_export(Path(args.out))  # an earlier export there is replaced; any other files refuse the directory
+    if not again:
+        hf.require_new_dir(args.out, "export")  # (here, not in export_checkpoint: export_hf rewrites RUN_DIR/hf)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", hf.ExportWarning)
+        out = hf.replace_export(Path(args.out), write) if again else write(Path(args.out))
+    for w in caught:  # ours as one line, without the source line; others as usual
+        if issubclass(w.category, hf.ExportWarning):
+            print(f"pretrain: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     print(f"exported {args.checkpoint} -> {out} (Hugging Face format)")
     return 0
 
@@ -159,10 +174,12 @@ def _import(args) -> int:
 
 def _bench(args) -> int:
     from pretrain.bench import run_bench, write_json
-    from pretrain.paths import require_writable_file
+    from pretrain.paths import require_writable_dir, require_writable_file
 
     if args.out:  # before the benchmark runs, not after
         require_writable_file(args.out, "--out")
+    if args.profile:
+        require_writable_dir(args.profile, "--profile")
 
     result = run_bench(load_config(args.config, args.overrides), against=args.against, steps=args.steps,
                        warmup=args.warmup, hf_precision=args.hf_precision, profile_dir=args.profile)
@@ -181,6 +198,7 @@ def _grow(args) -> int:
     if not (args.source and args.destination):
         raise UserError("pretrain grow needs SRC (a checkpoint or run directory) and DST (a new run directory), or "
                         "--plan.")
+    _check_grow_numbers(args)
     layers = None
     if args.layers:
         try:
@@ -201,9 +219,34 @@ def _grow(args) -> int:
     return 0
 
 
+def _check_grow_numbers(args) -> None:
+    """The numeric options of `pretrain grow` in their ranges (0 would otherwise read as "not given")."""
+    if args.factor is not None and args.factor < 2:
+        raise UserError(f"--factor {args.factor}: the grown model has factor x the source's blocks; give 2 or more "
+                        "(default 4).")
+    if args.num_layers is not None and args.num_layers < 1:
+        raise UserError(f"--num-layers {args.num_layers}: give the grown model's blocks, more than the source's.")
+    if args.hidden_factor < 1:
+        raise UserError(f"--hidden-factor {args.hidden_factor}: give 1 (width unchanged) or more.")
+    if args.ffn_size is not None and args.ffn_size < 1:
+        raise UserError(f"--ffn-size {args.ffn_size}: give the FFN's new inner width, at least its present one.")
+    if args.op == "upcycle" and args.experts is not None and args.experts < 1:
+        raise UserError(f"--experts {args.experts}: give the experts per MoE layer, 1 or more.")
+    if args.op == "upcycle" and args.experts and not 1 <= args.top_k <= args.experts:
+        raise UserError(f"--top-k must be between 1 and --experts ({args.experts}); it is {args.top_k} (default 2).")
+
+
 def _grow_plan(args) -> int:
+    import math
+
     from pretrain.growth.plan import format_plan, growth_plan
 
+    for option, value, example in (("--target-params", args.target_params, "7e9"), ("--tokens", args.tokens, "2e12")):
+        if value is not None and not 1 < value < math.inf:  # (NaN fails too)
+            raise UserError(f"{option} {value:g}: give a finite number above 1, such as {example}.")
+    if args.factor is not None and args.factor < 2:
+        raise UserError(f"--factor {args.factor}: the small model has 1/factor of the depth; give 2 or more "
+                        "(default 4).")
     params, tokens, per_step = args.target_params, args.tokens, None
     if args.config:
         from pretrain.models.transformer import num_params
@@ -215,7 +258,8 @@ def _grow_plan(args) -> int:
         per_step = cfg.data.tokens_per_step
         tokens = tokens or cfg.train.max_steps * per_step
     if not params or not tokens:
-        raise UserError("--plan needs --target-params and --tokens, or a CONFIG of the target run to take them from.")
+        raise UserError("--plan needs --target-params and --tokens, or --config CONFIG (the target run's config) to "
+                        "take them from.")
     print(format_plan(growth_plan(params, tokens, per_step, args.factor or 4)))
     return 0
 
@@ -392,6 +436,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dashed_override_hint(rest: list[str]) -> str | None:
+    """The fix for torchtitan / Megatron habits: ``--train.max_steps=3`` or ``--config FILE``."""
+    if any(a == "--config" or a.startswith("--config=") for a in rest):
+        return "the config file is the first argument, without an option: `pretrain VERB CONFIG [section.key=value ...]`."
+    dashed = [a for a in rest if a.startswith("-") and "." in a.split("=")[0]]
+    if not dashed:
+        return None
+    fixed = [a.lstrip("-") if "=" in a else f"{a.lstrip('-')}=VALUE" for a in dashed]
+    return (f"overrides are written without dashes, as section.key=value: {' '.join(fixed)} "
+            f"(not {' '.join(dashed)}).")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may also follow the options (`pretrain bench CONFIG --against hf train.compile=false`):
@@ -400,12 +456,17 @@ def main(argv: list[str] | None = None) -> int:
     if rest and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in rest):
         args.overrides += rest
     elif rest:
+        hint = _dashed_override_hint(rest) if hasattr(args, "overrides") else None
+        if hint:
+            print(f"pretrain: error: {hint}", file=sys.stderr)
+            return EXIT_USER_ERROR
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         check_torch_version()
         return args.fn(args)
     except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank meets the same mistake: say it once
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if rank == 0 or rank >= world:  # every rank meets the same mistake: say it once (a stray RANK: say it)
             kind = "config error" if isinstance(e, ConfigError) else "error"
             print(f"pretrain: {kind}: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

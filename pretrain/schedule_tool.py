@@ -10,6 +10,7 @@ milliseconds a pipeline run logged (``pp/f_ms`` ... in metrics.jsonl).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from pretrain.errors import UserError
@@ -17,6 +18,7 @@ from pretrain.parallel import schedules
 from pretrain.paths import require_writable_file
 
 COLORS = {"F": "#4C78A8", "B": "#E45756", "I": "#F58518", "W": "#54A24B"}
+MAX_STAGE_MICROBATCHES = 1 << 20  # the replay keeps every action in memory: about 1.5 GiB and a minute at this size
 
 
 def measured_costs(run_dir: Path) -> dict[str, float]:
@@ -25,14 +27,29 @@ def measured_costs(run_dir: Path) -> dict[str, float]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"'{path}' does not exist; --from-run takes the run directory of a training run with parallel.pp > 1.")
-    timed = [r for r in map(json.loads, path.read_text().splitlines()) if "pp/f_ms" in r]
+    timed = [c for c in map(_costs, path.read_text(errors="replace").splitlines()) if c]
     if not timed:
         raise UserError(f"'{path}' has no pipeline timings (pp/f_ms); they are logged by runs with parallel.pp > 1 "
                         "from their second step on.")
-    rec = timed[-1]
+    return timed[-1]
+
+
+def _costs(line: str) -> dict[str, float] | None:
+    """F, I, W of one metrics.jsonl line; None for a line without them (or cut short by a killed run, or with a
+    non-finite time, logged as null)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(rec, dict) or "pp/f_ms" not in rec:
+        return None
     if "pp/i_ms" in rec and "pp/w_ms" in rec:
-        return {"F": rec["pp/f_ms"], "I": rec["pp/i_ms"], "W": rec["pp/w_ms"]}
-    return {"F": rec["pp/f_ms"], "I": rec["pp/b_ms"] / 2, "W": rec["pp/b_ms"] / 2}
+        costs = {"F": rec["pp/f_ms"], "I": rec["pp/i_ms"], "W": rec["pp/w_ms"]}
+    else:  # no split backward: I and W each half of B
+        half = rec["pp/b_ms"] / 2 if isinstance(rec.get("pp/b_ms"), (int, float)) else None
+        costs = {"F": rec["pp/f_ms"], "I": half, "W": half}
+    ok = all(isinstance(v, (int, float)) and 0 < v < math.inf for v in costs.values())
+    return costs if ok else None
 
 
 def parse_costs(text: str) -> dict[str, float]:
@@ -40,9 +57,20 @@ def parse_costs(text: str) -> dict[str, float]:
         f, i, w = (float(x) for x in text.split(","))
     except ValueError:
         raise UserError(f"--costs {text!r}: give three durations F,I,W such as 1,1,1 or 1,1.2,0.8.") from None
-    if min(f, i, w) <= 0:
-        raise UserError(f"--costs {text!r}: durations must be positive.")
+    if not all(0 < x < math.inf for x in (f, i, w)):  # (NaN fails too)
+        raise UserError(f"--costs {text!r}: durations must be positive finite numbers, such as 1,1,1.")
     return {"F": f, "I": i, "W": w}
+
+
+def _check_virtual(schedule: str, virtual: int) -> None:
+    """--virtual as the schedule takes it (named here as an option, not as parallel.pp_virtual)."""
+    if schedule in schedules.ONE_STAGE_PER_RANK and virtual != 1:
+        raise UserError(f"--virtual {virtual}: {schedule} runs one stage per rank; give 1, or leave --virtual out.")
+    if schedule in schedules.V_SHAPED and virtual != 2:
+        raise UserError(f"--virtual {virtual}: {schedule} runs two stages per rank in a V; give 2, or leave --virtual "
+                        "out.")
+    if virtual < 1:
+        raise UserError(f"--virtual {virtual}: give the stages per rank, 1 or more (default 2 for {schedule}).")
 
 
 def build_timeline(schedule: str, pp: int, microbatches: int, virtual: int,
@@ -105,9 +133,16 @@ def run_schedule_tool(schedule: str, pp: int, microbatches: int, virtual: int | 
         _check_image_path(Path(out))
     if virtual is None:
         virtual = 2 if schedule not in schedules.ONE_STAGE_PER_RANK else 1
+    _check_virtual(schedule, virtual)
+    if microbatches < 1:
+        raise UserError(f"--microbatches {microbatches}: give the microbatches per step, 1 or more (default 8).")
+    stages = schedules.stages_per_rank(schedule, virtual)
+    if pp * stages * microbatches > MAX_STAGE_MICROBATCHES:
+        raise UserError(f"--pp {pp} x {stages} stage(s) per rank x --microbatches {microbatches} make "
+                        f"{pp * stages * microbatches:,} stage-microbatches, more than the {MAX_STAGE_MICROBATCHES:,} "
+                        "the timeline replays; give fewer ranks or microbatches.")
     cost = measured_costs(Path(from_run)) if from_run else parse_costs(costs or "1,1,1")
     timeline = build_timeline(schedule, pp, microbatches, virtual, cost)
-    stages = schedules.stages_per_rank(schedule, virtual)
     costs_text = ", ".join(f"{k} {v:.3g}" for k, v in cost.items())
     log(f"{schedule}: pp {pp}, {stages} stage(s) per rank, {microbatches} microbatches, costs {costs_text}")
     log(f"  bubble fraction   {timeline.bubble_fraction:.3f}  (idle share of {pp} ranks x {timeline.makespan:.4g})")

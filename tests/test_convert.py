@@ -305,3 +305,21 @@ def test_cli_export_then_import_round_trips_our_weights(make_cfg, tmp_path):
         assert torch.equal(back[name], tensor), name
     missing = run_cli("import", str(tmp_path / "nowhere"), str(tmp_path / "x"))
     assert missing.returncode == 2 and "config.json" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_export_again_replaces_the_earlier_export_and_nothing_else(make_cfg, tmp_path, capsys):
+    """A re-export into a directory holding an earlier export alone replaces it whole (no stale modeling code stays
+    beside a Llama export); a directory holding anything else is refused, and left as it was."""
+    from pretrain.cli import main
+
+    save_perturbed(make_cfg(), tmp_path / "run" / "checkpoints")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "modeling_pretrain.py").write_text("# an earlier custom export")
+    (out / "model.safetensors").write_text("an earlier export")
+    assert main(["export", str(tmp_path / "run"), str(out)]) == 0
+    assert not (out / "modeling_pretrain.py").exists() and load_file(out / "model.safetensors")
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the staging folder is gone
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", str(tmp_path / "run"), str(out)]) == 2
+    assert "already holds files" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ def world(tmp_path, shared_cache, tiny_cfg):
     (w / "latin1.txt").write_bytes("caf\xe9 na\xefve ".encode("latin-1") * 100)
     (w / "data.csv").write_text("a,b\n1,2\n")
     (w / "bad.yaml").write_text("train: [max_steps: 3\n")
+    (w / "empty.yaml").write_text("\n")
     (w / "list.yaml").write_text("- 1\n- 2\n")
     (w / "dup.yaml").write_text("train:\n  max_steps: 3\n  max_steps: 4\n")
     (w / "hf_nojson").mkdir()
@@ -51,7 +53,23 @@ def world(tmp_path, shared_cache, tiny_cfg):
         builder.add_item(torch.from_numpy(np.random.default_rng(0).integers(0, 70000, 200)))
         builder.end_document()
     builder.finalize(f"{big_ids}.idx")
-    return cfg, w, Path(cfg.train.run_dir)
+    (w / "five.txt").write_text("one line of text\nanother line\na third\nthe fourth\nfifth and last\n")
+    badstate = w / "badstate"  # a copy of the run whose trainer state is garbage
+    shutil.copytree(cfg.train.run_dir, badstate)
+    (badstate / "checkpoints" / "step_0000002" / "trainer_state.json").write_text("{not json")
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()  # the run's tokenizer with two pieces swapped: same size, other ids
+    proto.ParseFromString(Path(cfg.tokenizer.path).read_bytes())
+    a, b = proto.pieces[300].piece, proto.pieces[301].piece
+    proto.pieces[300].piece, proto.pieces[301].piece = b, a
+    (w / "other.model").write_bytes(proto.SerializeToString())
+    (w / "busy").mkdir()
+    (w / "busy" / ".lock").write_text("process 1 on elsewhere since 2026-01-01 00:00:00\n")
+    holder = subprocess.Popen(["flock", str(w / "busy" / ".lock"), "sleep", "600"])  # another run holds it
+    yield cfg, w, Path(cfg.train.run_dir)
+    holder.kill()
+    holder.wait()
 
 
 def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
@@ -62,7 +80,8 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
     return [
         ("config file missing", ["train", f"{w}/nope.yaml"], "does not exist"),
         ("config path is a directory", ["train", str(w)], "is a directory"),
-        ("malformed YAML", ["train", f"{w}/bad.yaml"], "not valid YAML"),
+        ("malformed YAML", ["train", f"{w}/bad.yaml"], f'not valid YAML: while parsing a flow sequence\n  in "{w}/bad.yaml"'),
+        ("empty config file", ["train", f"{w}/empty.yaml"], "is empty"),
         ("YAML that is not a mapping", ["train", f"{w}/list.yaml"], "mapping of sections"),
         ("duplicate key", ["config", f"{w}/dup.yaml"], "appears twice"),
         ("unknown section", [*train, "trian.max_steps=3"], "Did you mean 'train'"),
@@ -150,12 +169,74 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
                                         "parallel.dp_shard=2"], "runs one process"),
         ("preprocess of a blend", ["preprocess", "configs/quickstart.yaml", "data.blend=[{path: x}]"],
          "already preprocessed"),
+        ("validation split without documents", [*train, f"data.sources=[{{path: {w}/five.txt}}]",
+                                                f"data.prefix={w}/c5", "data.split=98,2,0", *fresh],
+         "gives the validation split none"),
+        ("resume under another model shape", [*train, f"train.run_dir={run}", "model.num_layers=3"],
+         "holds another model than this config builds (model.num_layers: 2 -> 3"),
+        ("trainer state that is no JSON", [*train, *fresh, "checkpoint.verify=none",
+                                           f"train.resume={w}/badstate/checkpoints/step_0000002"],
+         "unreadable trainer_state.json"),
+        ("resume under another tokenizer", [*train, f"train.run_dir={run}", f"tokenizer.path={w}/other.model",
+                                            "model.tie_embeddings=false"], "was trained with another tokenizer"),
+        ("two runs in one run directory", [*train, f"train.run_dir={w}/busy"], "is in use by another run"),
+        ("empty run directory (an unset variable)", [*train, "train.run_dir="], "is empty"),
+        ("a directory as a text source", [*train, f"data.sources=[{{path: {w}/tokdir, type: text}}]", *fresh],
+         "is a directory; give its files with a glob"),
+        ("structured rank above the width", [*train, "model.ffn.kind=lowrank", "model.ffn.rank=128"],
+         "model.ffn.rank=32"),
+        ("override written as an option", [*train, "--train.max_steps=3"], "without dashes"),
+        ("config given as an option", ["train", "--config", "configs/quickstart.yaml"], "the first argument"),
+        ("key named as another stack names it", [*train, "optim.learning_rate=1e-3"], "Did you mean 'lr'"),
+        ("split written as a list", [*train, "data.split=[90,10,0]"], "write data.split=90,10,0"),
+        ("source written as a bare path", [*train, "data.sources=[a.txt]"], "such as {path: a.txt}"),
+        ("MoE on every n-th block, n beyond the depth", [*train, "model.moe.num_experts=4", "model.moe.every_n=5"],
+         "so none would be"),
+        ("structured FFN with every block left dense", [*train, "model.ffn.kind=lowrank", "model.ffn.rank=8",
+                                                        "model.ffn.dense_blocks=5"], "no block would be lowrank"),
+        ("negative watchdog factor", [*train, "train.watchdog_factor=-1"], "train.watchdog_factor"),
+        ("negative depth-diagnostics interval", [*train, "logging.depth_interval=-1"], "logging.depth_interval"),
+        ("resume past the end of the schedule", [*train, f"train.run_dir={run}", "train.max_steps=1",
+                                                 "optim.warmup_steps=0", "model.tie_embeddings=false"],
+         "past the end of its schedule"),
+        ("growth by a factor below 2", ["grow", str(run), f"{w}/g", "--factor", "0"], "--factor 0"),
+        ("growth by a factor of 1", ["grow", str(run), f"{w}/g", "--factor", "1"], "give 2 or more"),
+        ("growth to as many blocks", ["grow", str(run), f"{w}/g", "--num-layers", "2"], "depth growth adds blocks"),
+        ("width growth that changes nothing", ["grow", str(run), f"{w}/g", "--op", "width"],
+         "--hidden-factor 2 or more"),
+        ("upcycling with top-k above the experts", ["grow", str(run), f"{w}/g", "--op", "upcycle", "--experts", "1"],
+         "--top-k must be between 1 and --experts (1)"),
+        ("upcycling with top-k 0", ["grow", str(run), f"{w}/g", "--op", "upcycle", "--experts", "4", "--top-k", "0"],
+         "--top-k must be between 1 and --experts (4)"),
+        ("growth plan of negative parameters", ["grow", "--plan", "--target-params", "-5", "--tokens", "1e9"],
+         "--target-params -5"),
+        ("import into a run directory", ["import", f"{w}/hf_gpt2", str(run)], "already holds a run"),
+        ("import into a directory with files", ["import", f"{w}/hf_gpt2", f"{w}/hf_badjson"], "already holds files"),
+        ("export into a run directory", ["export", str(run), str(run)], "already holds a run"),
+        ("export into a directory with files", ["export", str(run), f"{w}/hf_gpt2"], "already holds files"),
+        ("bench profile into a file", ["bench", "configs/quickstart.yaml", "model.vocab_size=640", "--profile",
+                                       f"{w}/afile"], "point --profile at a directory"),
+        ("bench of more steps than memory", ["bench", "configs/quickstart.yaml", "model.vocab_size=640", "--steps",
+                                             "1000000000"], "time fewer steps"),
+        ("schedule with no stages per rank", ["schedule", "--schedule", "interleaved_1f1b", "--virtual", "0"],
+         "--virtual 0"),
+        ("schedule with no microbatches", ["schedule", "--microbatches", "0"], "--microbatches 0"),
+        ("schedule with a NaN cost", ["schedule", "--costs", "1,nan,1"], "positive finite numbers"),
+        ("schedule too large to replay", ["schedule", "--pp", "10000", "--microbatches", "10000"],
+         "give fewer ranks or microbatches"),
+        ("plan with no rows", ["plan", "configs/plan/llama3_8b.yaml", "--top", "0"], "--top must be at least 1"),
+        ("plan with a negative bandwidth", ["plan", "configs/plan/llama3_8b.yaml", "--intra-gbps", "-5"],
+         "--intra-gbps"),
+        ("growth stage its operator refuses", [*train, "growth=[{at_step: 2, op: upcycle, experts: 1}]"],
+         "growth[0].top_k"),
+        ("growth stage that removes blocks", [*train, "growth=[{at_step: 2, op: stack, num_layers: 1}]"],
+         "growth adds blocks"),
     ]
 
 
 def snapshot(*roots: Path) -> dict[str, tuple]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for root in roots for p in sorted(root.rglob("*"))
-            if p.is_file()}
+            if p.is_file() and p.name != ".lock"}  # (every run start records itself in the run directory's lock)
 
 
 def test_every_mistake_exits_2_with_the_fix_and_changes_nothing(world, capsys, monkeypatch):
@@ -174,6 +255,23 @@ def test_every_mistake_exits_2_with_the_fix_and_changes_nothing(world, capsys, m
     after = snapshot(w, run)
     assert {k: v for k, v in after.items() if k in before} == before  # nothing that was there changed
     assert not (w / "PWNED").exists()
+
+
+def test_stray_rank_variable_is_named(monkeypatch, capsys, tiny_overrides):
+    """RANK left over from another launcher: one process would log nothing (rank 1 is quiet) and train alone."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["train", "configs/quickstart.yaml", *tiny_overrides]) == 2
+    assert "sets RANK=1 but WORLD_SIZE=unset" in capsys.readouterr().err
+
+
+def test_leading_tilde_of_a_path_is_the_home_directory():
+    from pretrain.config import load_config
+
+    cfg = load_config(None, ["train.run_dir=~/runs/a", "data.prefix=~/cache/c", "data.sources=[{path: ~/t.txt}]"])
+    home = os.path.expanduser("~")
+    assert (cfg.train.run_dir, cfg.data.prefix, cfg.data.sources[0].path) == (
+        f"{home}/runs/a", f"{home}/cache/c", f"{home}/t.txt")
 
 
 @pytest.mark.slow

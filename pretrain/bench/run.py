@@ -139,6 +139,12 @@ def run_bench(cfg: RunConfig, *, against: str | None = None, steps: int = 10, wa
         raise UserError("pretrain bench uses random token ids and no tokenizer: set model.vocab_size.")
     if cfg.parallel.world_size > 1:
         raise UserError("pretrain bench runs one process; set parallel.dp_replicate, dp_shard, tp, ep and pp to 1.")
+    d = cfg.data  # every step's batch is made up front: ids and labels (int64) and weights (fp32) per token
+    batches_bytes = (warmup + steps) * d.global_batch_size * d.seq_len * 20
+    if batches_bytes > devices.available_memory_bytes(torch.device("cpu")) / 2:
+        raise UserError(f"--steps {steps} and --warmup {warmup}: their synthetic batches alone take "
+                        f"{batches_bytes / 2**30:.1f} GiB, more than half the memory available; time fewer steps "
+                        "(a few dozen give a steady median).")
     resolved, note = devices.resolve_precision(cfg.train.precision, devices.resolve(cfg.train.device))
     if note:
         log(note)

@@ -86,7 +86,8 @@ class DataConfig:
             ok = len(weights) == 3 and all(w >= 0 for w in weights) and weights[0] > 0
         except ValueError:
             ok = False
-        require(ok, "data.split", f"got {self.split!r}; give three weights train,valid,test such as '98,2,0'.")
+        require(ok, "data.split", f"got {self.split!r}; give three weights train,valid,test such as '98,2,0' (none "
+                "negative, the training weight above 0).")
         check_sources(self.sources, "data.sources")
         for i, b in enumerate(self.blend):
             require(bool(b.path), f"data.blend[{i}].path", "is required: an IndexedDataset prefix.")

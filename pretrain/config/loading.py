@@ -48,11 +48,15 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError("", f"config file '{path}' does not exist; pass the path of a YAML run "
                               "config, e.g. configs/quickstart.yaml.")
     try:
-        raw = parse_yaml(path.read_text()) or {}
+        text = path.read_text()
+        if not text.strip():
+            raise ConfigError("", f"'{path}' is empty; a run config sets at least the model and the data (see "
+                                  "configs/quickstart.yaml).")
+        raw = parse_yaml(text) or {}
     except _DuplicateKey as e:
         raise ConfigError("", f"'{path}': {e}.") from None
     except yaml.YAMLError as e:
-        raise ConfigError("", f"'{path}' is not valid YAML: {e}") from None
+        raise ConfigError("", f"'{path}' is not valid YAML: {str(e).replace('<unicode string>', str(path))}") from None
     except UnicodeDecodeError:
         raise ConfigError("", f"'{path}' is not a text file; pass the path of a YAML run config.") from None
     if not isinstance(raw, dict):
@@ -95,9 +99,10 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
     """An instance of the config dataclass ``cls`` from a raw mapping, every value checked and coerced."""
     if raw is None:
         raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(prefix, f"must be a mapping of keys, got {type(raw).__name__}.")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(raw, dict):
+        example = f" such as {{path: {raw}}}" if isinstance(raw, str) and "path" in fields else ""
+        raise ConfigError(prefix, f"must be a mapping of keys{example}, got {type(raw).__name__} {raw!r}.")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
@@ -108,7 +113,19 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+# What other stacks call a key (torchtitan, Megatron-LM, Hugging Face Trainer): the key it is here.
+ALIASES = {"learning_rate": "lr", "lr_warmup_steps": "warmup_steps", "warmup": "warmup_steps", "steps": "max_steps",
+           "train_iters": "max_steps", "training_steps": "max_steps", "num_train_steps": "max_steps",
+           "batch_size": "global_batch_size", "local_batch_size": "micro_batch_size", "seq_length": "seq_len",
+           "max_seq_len": "seq_len", "sequence_length": "seq_len", "n_layers": "num_layers", "dim": "hidden_size",
+           "n_heads": "num_heads", "n_kv_heads": "num_kv_heads", "num_attention_heads": "num_heads",
+           "intermediate_size": "ffn_hidden_size", "clip_grad_norm": "grad_clip", "max_norm": "grad_clip",
+           "output_dir": "run_dir", "dump_folder": "run_dir", "save_interval": "interval"}
+
+
 def _unknown(name: str, allowed: dict) -> str:
+    if ALIASES.get(name) in allowed:
+        return f"unknown key. Did you mean '{ALIASES[name]}'? Allowed here: {', '.join(allowed)}."
     close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return f"unknown key.{hint} Allowed here: {', '.join(allowed)}."
@@ -157,7 +174,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(key, f"must be a string, got {value!r}.")
+            example = f" (write {key}={','.join(map(str, value))})" if isinstance(value, list) else ""
+            raise ConfigError(key, f"must be a string, got {value!r}{example}.")
         return _path(str(value), key) if key.rsplit(".", 1)[-1] in PATH_KEYS else str(value)
     return value
 

@@ -114,6 +114,13 @@ class ModelConfig:
         if moe.num_experts:
             require(1 <= moe.top_k <= moe.num_experts, "model.moe.top_k",
                     f"must lie in [1, num_experts={moe.num_experts}], got {moe.top_k}.")
+            require(moe.every_n <= self.num_layers, "model.moe.every_n",
+                    f"every {moe.every_n}th block is MoE, but the model has {self.num_layers} blocks, so none would be: "
+                    f"set it to {self.num_layers} or less.")
+        if f.kind != "dense":
+            require(f.dense_blocks < self.num_layers, "model.ffn.dense_blocks",
+                    f"the first {f.dense_blocks} blocks stay dense, but the model has {self.num_layers}, so no block "
+                    f"would be {f.kind}: set it below {self.num_layers} (the usual value is 1).")
         widths = [self.ffn_size] + ([moe.expert_ffn_hidden_size] if moe.num_experts and moe.expert_ffn_hidden_size else [])
         if f.kind in ("lowrank", "blockdense"):
             require(f.rank >= 1, "model.ffn.rank", f"{f.kind} needs a rank R >= 1 (e.g. hidden_size // 2).")

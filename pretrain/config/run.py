@@ -41,7 +41,8 @@ class RunConfig:
     assembly: AssemblyConfig = section(AssemblyConfig, "Training the model as modules in independent jobs.")
 
     def validate(self) -> RunConfig:
-        for part in (self.model, self.data, self.tokenizer, self.optim, self.train, self.checkpoint, self.parallel):
+        for part in (self.model, self.data, self.tokenizer, self.optim, self.train, self.checkpoint, self.logging,
+                     self.parallel):
             part.check()
         check_layout(self)
         check_growth(self)

@@ -84,7 +84,8 @@ class TrainConfig:
                      ("train.signal_check_interval", self.signal_check_interval),
                      ("train.max_nonfinite_steps", self.max_nonfinite_steps)], 1, "at least 1")
         require_all([("train.eval_interval", self.eval_interval), ("train.stop_at_step", self.stop_at_step),
-                     ("train.sample_tokens", self.sample_tokens)], 0, "0 or more")
+                     ("train.sample_tokens", self.sample_tokens), ("train.watchdog_factor", self.watchdog_factor),
+                     ("train.watchdog_min_s", self.watchdog_min_s)], 0, "0 or more")
         require(self.resume in ("auto", "never", "overwrite") or bool(self.resume), "train.resume",
                 "use auto, never, overwrite or a checkpoint directory.")
 
@@ -108,3 +109,7 @@ class LoggingConfig:
     tensorboard: bool = option(True, "Write tensorboard scalars to RUN_DIR/tensorboard.")
     depth_interval: int = option(0, "Steps between depth diagnostics (per-block grad norm, angular distance); 0 = off.")
     peak_tflops: float = option(0.0, "Peak TFLOP/s for MFU; 0 = datasheet for known GPUs, a quick measurement on CPU.")
+
+    def check(self) -> None:
+        require_all([("logging.depth_interval", self.depth_interval), ("logging.peak_tflops", self.peak_tflops)], 0,
+                    "0 or more (0 = off / measured)")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,6 +66,48 @@ def architecture(m: ModelConfig, keep_structured: bool = False) -> str:
     return "mixtral"
 
 
+class ExportWarning(UserWarning):
+    """An export written without something it usually holds (the CLI prints it as one line)."""
+
+
+EXPORT_FILES = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "modeling_pretrain.py"}  # what an export writes
+
+
+def is_export(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds an earlier export and nothing else (a re-export replaces it)."""
+    names = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else set()
+    return "model.safetensors" in names and names <= EXPORT_FILES
+
+
+def replace_export(out_dir: Path, write: Callable[[Path], Path]) -> Path:
+    """``write`` an export next to the earlier one in ``out_dir``, then put it in its place: a failed export leaves
+    the earlier one whole, and no file of it (say, custom modeling code) stays beside the new one."""
+    fresh = out_dir.with_name(f".{out_dir.name}.new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    write(fresh)
+    for old in out_dir.iterdir():
+        old.unlink()
+    for new in fresh.iterdir():
+        new.rename(out_dir / new.name)
+    fresh.rmdir()
+    return out_dir
+
+
+def require_new_dir(out_dir: str | Path, verb: str) -> None:
+    """An output directory must be new or empty: files already there would be overwritten or mixed with ours."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return  # (missing: created later; a file of that name is refused then)
+    names = sorted(p.name for p in out.iterdir())
+    if "config.yaml" in names or "checkpoints" in names or checkpoint.complete_checkpoints(out):
+        raise UserError(f"'{out}' already holds a run; {verb} into a new directory.")
+    if names:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        again = " (an earlier export alone is replaced)" if verb == "export" else ""
+        raise UserError(f"'{out}' already holds files ({shown}); {verb} into a new or empty directory{again}.")
+
+
 def _keep_structured(model: nn.Module) -> None:
     """Replace each self-guided wrapper by its structured layer, which is all it computes once the guide is gone."""
     from pretrain.models.structured import SelfGuided
@@ -92,6 +135,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, keep_s
 
     step_dir = checkpoint.resolve(Path(checkpoint_dir))
     cfg = load_config(step_dir / "config.yaml")
+    tokenizer = _tokenizer_file(step_dir, cfg)
     model = load_model(step_dir)
     kind = architecture(cfg.model, keep_structured)
     with torch.no_grad():
@@ -106,13 +150,14 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, keep_s
     # Copies: tied or sliced tensors share storage, which safetensors refuses to write.
     save_file({name: t.detach().clone().contiguous() for name, t in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
-    tokenizer = model_path(cfg.tokenizer)
-    if tokenizer.is_file():  # the special ids are the tokenizer's own (an imported Llama tokenizer has no pad)
+    if tokenizer is not None:  # the special ids are the tokenizer's own (an imported Llama tokenizer has no pad)
         ids = export_tokenizer(tokenizer, out, cfg.data.seq_len)
     else:
         ids = {"bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID}
-        warnings.warn(f"tokenizer '{tokenizer}' not found: {out} holds the model without tokenizer files; "
-                      "run the export from the directory the training ran in.", stacklevel=2)
+        warnings.warn(f"the tokenizer '{model_path(cfg.tokenizer)}' of '{step_dir}' (never trained: imported without "
+                      f"one) does not exist, so {out} holds the model without tokenizer files; put the sentencepiece "
+                      "model it came with at that path and export again (into a new directory).", ExportWarning,
+                      stacklevel=2)
     special = {f"{name}_token_id": ids.get(name) for name in ("bos", "eos", "pad")}
     config.update(special)
     config.save_pretrained(out)
@@ -122,7 +167,26 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, keep_s
     return out
 
 
+def _tokenizer_file(step_dir: Path, cfg: RunConfig) -> Path | None:
+    """The tokenizer file the checkpoint's run used, or None for a model never trained (imported without one). A
+    trained run's tokenizer that is gone is refused before anything is written: the export would lack its files."""
+    from pretrain.data.tokenizer import model_path
+
+    path = model_path(cfg.tokenizer)
+    if path.is_file():
+        return path
+    state = checkpoint.read_state(step_dir)
+    if not (state.get("tokens") or state["step"]):
+        return None
+    key = f"tokenizer.name {cfg.tokenizer.name}" if cfg.tokenizer.name else "tokenizer.path"
+    fix = ("the path is relative: run the export from the directory the training ran in" if not path.is_absolute()
+           else "restore that file and export again")
+    raise UserError(f"the tokenizer '{path}' this run trained with ({key} in {step_dir / 'config.yaml'}) does not "
+                    f"exist, and the export needs it (tokenizer files, special ids); {fix}.")
+
+
 def _read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     files = sorted(hf_dir.glob("*.safetensors"))
@@ -131,22 +195,26 @@ def _read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
                         "save_pretrained (safetensors is its default) and import that directory.")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        tensors.update(load_file(str(file)))
+        try:
+            tensors.update(load_file(str(file)))
+        except SafetensorError as e:
+            raise UserError(f"'{file}' is not a readable safetensors file ({e}); save the model again with "
+                            "save_pretrained, or copy the file again.") from None
     return tensors
 
 
 def import_checkpoint(hf_dir: str | Path, out_checkpoint: str | Path) -> Path:
     """Write a Llama or Mixtral directory as ``out_checkpoint/step_0000000`` (model, fresh AdamW state,
     config.yaml, also copied to ``out_checkpoint/config.yaml``); a sentencepiece ``tokenizer.model`` is
-    copied along and named in tokenizer.path. Returns the step directory."""
+    copied along, and tokenizer.path names ``out_checkpoint/tokenizer.model`` (with or without one). Returns the
+    step directory."""
     from pretrain.models.transformer import build_model
     from pretrain.train.optim import build_optimizer
 
     hf_dir, out = Path(hf_dir), Path(out_checkpoint)
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"'{hf_dir}' has no config.json: pass a Hugging Face model directory (save_pretrained).")
-    if checkpoint.complete_checkpoints(out):
-        raise UserError(f"'{out}' already holds a checkpoint; import into a new directory.")
+    require_new_dir(out, "import")
     try:  # read as plain JSON first: nothing in the directory (custom code, auto_map) is ever run
         model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type")
     except (ValueError, AttributeError) as e:
@@ -166,14 +234,19 @@ def import_checkpoint(hf_dir: str | Path, out_checkpoint: str | Path) -> Path:
     except KeyError as e:
         raise UserError(f"'{hf_dir}' lacks the tensor {e} that its config.json implies; the weights are "
                         "incomplete or from another model.") from None
-    cfg = RunConfig(model=model_cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    if (hf_dir / "tokenizer.model").is_file():
-        shutil.copyfile(hf_dir / "tokenizer.model", out / "tokenizer.model")
-        cfg = cfg.replace(tokenizer={"path": str((out / "tokenizer.model").resolve())})
+    # tokenizer.path names OUT/tokenizer.model even when the directory has none: never the default
+    # cache/tokenizer.model, which may hold another model's tokenizer
+    cfg = RunConfig(model=model_cfg).replace(tokenizer={"path": str((out / "tokenizer.model").resolve())})
     cfg.validate()
     model = build_model(cfg.model, cfg.train.seed)
-    model.load_state_dict({name: t.to(torch.float32) for name, t in state.items()}, strict=True)
+    try:
+        model.load_state_dict({name: t.to(torch.float32) for name, t in state.items()}, strict=True)
+    except RuntimeError as e:  # a tensor name or shape that config.json does not imply
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e)).rstrip(".")
+        raise UserError(f"the weights of '{hf_dir}' do not match its config.json ({detail}); import a directory "
+                        "whose config.json was saved with these *.safetensors (save_pretrained writes both).") from None
+    if (hf_dir / "tokenizer.model").is_file():  # (after the checks: a refused import leaves OUT empty)
+        shutil.copyfile(hf_dir / "tokenizer.model", out / "tokenizer.model")
     optimizer = build_optimizer(model, cfg.optim)
     (out / "config.yaml").write_text(cfg.to_yaml())
     return checkpoint.save(out, 0, lambda directory: checkpoint.save_dcp(directory, model, optimizer),

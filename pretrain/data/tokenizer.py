@@ -263,8 +263,8 @@ def _train(docs: Iterable[str], recipe: TokenizerRecipe, vocab_key: str, log) ->
             smallest = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
             if smallest:
                 raise UserError(f"a {recipe.vocab_size}-piece tokenizer has too few pieces for the characters of this "
-                                f"text, which need {smallest[1]}: set {vocab_key} to {smallest[1]} or more (or lower "
-                                "the character coverage).") from None
+                                f"text, which need {smallest[1]}: set {vocab_key} to {smallest[1]} or more (or, in a "
+                                "tokenizer recipe, lower character_coverage).") from None
             raise UserError(f"sentencepiece could not train a {recipe.vocab_size}-piece {recipe.type} tokenizer on "
                             f"this text ({e}); change {vocab_key} as that message says, or train on more text.") from None
     seen["lines_trained"] = min(seen["lines"], recipe.sample_lines or seen["lines"])

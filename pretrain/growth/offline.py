@@ -97,6 +97,7 @@ def grow_checkpoint(source: str | Path, destination: str | Path, spec: GrowthSpe
     if sg.enabled:  # (after the guided phase: refused within it)
         model_cfg, weights = _plain_structured(model_cfg, weights)
     grown = apply(spec, weights, model_cfg, seed)
+    _require_growth(spec, model_cfg, grown.cfg)
     cfg = _target_run_config(src_cfg, grown.cfg, target_config, dst)
     require_writable_dir(dst, "the growth's destination")
 
@@ -199,6 +200,7 @@ def _grow_sharded(step_dir: Path, dst: Path, spec: GrowthSpec, src_cfg: RunConfi
             apply(spec, {}, src_cfg.model, 0)  # (says what is missing or unknown)
     except GrowthError as e:
         raise UserError(f"cannot grow with {spec.op}: {e}") from None
+    _require_growth(spec, src_cfg.model, tcfg)
     cfg = _target_run_config(src_cfg, tcfg, target_config, dst)
     if cfg.parallel.world_size != world:
         raise UserError(f"{world} processes started, but the grown run's layout needs {cfg.parallel.world_size}; give "
@@ -222,6 +224,17 @@ def _grow_sharded(step_dir: Path, dst: Path, spec: GrowthSpec, src_cfg: RunConfi
     del engine
     dist.destroy_process_group()
     return path
+
+
+def _require_growth(spec: GrowthSpec, source: ModelConfig, target: ModelConfig) -> None:
+    """The options must make the model larger: a copy of the source, or fewer blocks, is no growth."""
+    if spec.op in DEPTH_OPS and target.num_layers <= source.num_layers:
+        option = "--layers" if spec.layers else "--num-layers" if spec.num_layers else "--factor"
+        raise UserError(f"{option} gives the grown model {target.num_layers} block(s) and the source has "
+                        f"{source.num_layers}; depth growth adds blocks: give more.")
+    if spec.op == "width" and (target.hidden_size, target.ffn_size) == (source.hidden_size, source.ffn_size):
+        raise UserError(f"width growth needs --hidden-factor 2 or more, or an --ffn-size above the FFN's "
+                        f"{source.ffn_size}: as given, the model stays as it is.")
 
 
 def _grown_state(step_dir: Path, src_cfg: RunConfig, cfg: RunConfig, spec: GrowthSpec, state: dict) -> dict:

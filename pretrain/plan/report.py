@@ -4,8 +4,10 @@ fit, fastest first, the overrides of the best one, and the prediction for the co
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+from pathlib import Path
 
 from pretrain.config import RunConfig, load_config
 from pretrain.config.run import resolve
@@ -45,6 +47,9 @@ def build_cluster(args) -> Cluster:
     if args.efficiency is not None and not 0 < args.efficiency <= 1:
         raise UserError(f"--efficiency {args.efficiency}: the achieved fraction of the matmul peak lies in (0, 1], "
                         "e.g. 0.45.")
+    if args.intra_gbps is not None and not 0 < args.intra_gbps < math.inf:
+        raise UserError(f"--intra-gbps {args.intra_gbps}: give the per-GPU bandwidth inside a node in GB/s, a positive "
+                        "number such as 450 (default: the device's).")
     if args.gpu == "cpu":
         import torch
 
@@ -78,6 +83,10 @@ HEADER = (f"{'tp':>3} {'pp':>3} {'schedule':<18} {'shard':>5} {'repl':>5} {'ep':
 
 
 def run(args) -> int:
+    if args.top < 1:
+        raise UserError(f"--top must be at least 1 (the rows of the table; default 10), got {args.top}.")
+    if args.json:  # before the layouts are searched, not after
+        require_writable_file(args.json, "--json")
     cluster = build_cluster(args)
     cfg = resolved_config(load_config(args.config, args.overrides), "cpu" if args.gpu == "cpu" else "cuda")
     micro = None
@@ -105,8 +114,7 @@ def run(args) -> int:
         print(f"your layout: {own.memory.total / GiB:.2f} GiB on its fullest rank ({verdict}), "
               f"{own.time.tokens_per_s:,.0f} tokens/s predicted; {describe(own.memory.worst)}")
     if args.json:
-        out = require_writable_file(args.json, "--json")
-        out.write_text(json.dumps({
+        Path(args.json).write_text(json.dumps({
             "cluster": {"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "device": dev.name,
                         "network_gbps": cluster.network_gbps, "efficiency": dev.efficiency},
             "own_layout": own.row() if own else None,

@@ -105,7 +105,12 @@ class Trainer:
         if self.dims.is_parallel:
             dist.barrier()
         self.engine, resume_from, state = self._start()
+        self._check_tokenizer(state, resume_from)
         self.total_steps = cfg.total_steps
+        if state["step"] > self.total_steps:
+            raise UserError(f"the run resumes at step {state['step']} ({resume_from}), past the end of its schedule "
+                            f"(train.max_steps={tr.max_steps}): raise train.max_steps to train on, or resume from an "
+                            "earlier checkpoint (train.resume=PATH).")
         self.last_step = min(self.total_steps, tr.stop_at_step) if tr.stop_at_step else self.total_steps
         valid_samples = tr.eval_iters * d.global_batch_size
         self.datasets = build_datasets(cfg, blend, self.tokenizer, self.run_dir / "data_index",
@@ -161,6 +166,19 @@ class Trainer:
         self.method_callbacks = method_callbacks(self.cfg)
         self.callbacks = [cb for cb in self.callbacks if id(cb) not in old] + self.method_callbacks
         self.flops_per_token = self.engine.flops_per_token
+
+    def _check_tokenizer(self, state: dict, resume_from: Path | None) -> None:
+        """A run keeps its tokenizer: the checkpoint records the tokenizer's digest, and resuming under another one
+        (its ids meaning other pieces) is refused. Checkpoints that predate the record are taken as they are."""
+        digest = self.tokenizer.digest if self.tokenizer is not None else None
+        saved = state.get("tokenizer")
+        if resume_from is not None and saved and digest and saved != digest:
+            raise UserError(f"checkpoint '{resume_from}' was trained with another tokenizer (digest {saved}) than "
+                            f"'{self.tokenizer.path}' (digest {digest}): its token ids mean other pieces. Point "
+                            "tokenizer.path (or tokenizer.name) at the run's tokenizer, or start a new run in another "
+                            "train.run_dir.")
+        if digest:
+            state["tokenizer"] = digest
 
     def _start(self) -> tuple[Engine, Path | None, dict]:
         """The engine, built as of the checkpoint the run resumes from, with that checkpoint loaded. A damaged
