@@ -19,8 +19,17 @@ EXIT_USER_ERROR = 2
 USER_ERROR_MARKER = "user_error"  # RUN_DIR/user_error: the message of a run that stopped on a user mistake
 
 
+def _user_config(args):
+    """The run config a user gives to a verb that trains or measures it, with the checks of what it asks for."""
+    from pretrain.config.model import check_placement
+
+    cfg = load_config(args.config, args.overrides)
+    check_placement(cfg.model)
+    return cfg
+
+
 def _train(args) -> int:
-    return _run(load_config(args.config, args.overrides))
+    return _run(_user_config(args))
 
 
 def _run(cfg) -> int:
@@ -181,7 +190,7 @@ def _bench(args) -> int:
     if args.profile:
         require_writable_dir(args.profile, "--profile")
 
-    result = run_bench(load_config(args.config, args.overrides), against=args.against, steps=args.steps,
+    result = run_bench(_user_config(args), against=args.against, steps=args.steps,
                        warmup=args.warmup, hf_precision=args.hf_precision, profile_dir=args.profile)
     if args.out:
         write_json(result, args.out)
@@ -267,7 +276,7 @@ def _grow_plan(args) -> int:
 def _assemble(args) -> int:
     from pretrain.assembly import phases
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _user_config(args)
     if args.phase == "check":  # every phase's config valid; print K (slurm/assemble.sh, before it queues anything)
         for phase, k in [("meta", 0), ("join", 0), *(("incubate", k) for k in range(1, cfg.assembly.modules + 1))]:
             phases.phase_config(cfg, phase, k)

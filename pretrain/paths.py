@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
 from pretrain.errors import UserError
@@ -36,36 +37,46 @@ def require_writable_file(path: str | Path, what: str) -> Path:
     return path
 
 
+_HELD: dict[tuple[int, int], weakref.ref] = {}  # run directories this process holds: (st_dev, st_ino) -> its lock
+
+
 class RunDirLock:
-    """One run at a time in a run directory: an exclusive ``flock`` on RUN_DIR/.lock held while the process lives
-    (the kernel drops it when the process dies, so a killed run leaves no stale lock). Two runs in one directory would
-    interleave their metrics and delete each other's checkpoints. The same process may take it again (runs one after
-    another in one Python process); a file system without ``flock`` is not locked."""
+    """One run at a time in a run directory: an exclusive ``flock`` on RUN_DIR/.lock held while the lock object
+    lives (the kernel drops it when the process dies, so a killed run leaves no stale lock). Two runs in one
+    directory would interleave their metrics and delete each other's checkpoints. This process may enter a
+    directory it holds again (runs one after another in one Python process); a file system without ``flock``, or a
+    lock file this user cannot open, is not locked."""
 
     def __init__(self, run_dir: Path):
         import fcntl
         import socket
         import time
 
-        self.file = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held open for the run's life
+        self.file = None
+        key = (run_dir.stat().st_dev, run_dir.stat().st_ino)
+        held = _HELD.get(key)
+        if held is not None and held() is not None:
+            return
         try:
+            self.file = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held open for the run's life
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.seek(0)
             holder = self.file.read().strip()
-            self.file.close()
-            if holder.startswith(f"process {os.getpid()} on {socket.gethostname()} "):
-                return
+            self.release()
             raise UserError(f"train.run_dir '{run_dir}' is in use by another run ({holder or 'a process'}); wait "
-                            "for it to end or stop it, or give this run another train.run_dir.") from None
-        except OSError:  # no flock on this file system
+                            "for it to end or stop it, or give this run another train.run_dir. (If no such process "
+                            f"runs, as after a crashed node on a network file system, delete {run_dir / '.lock'}.)"
+                            ) from None
+        except OSError:  # no flock on this file system, or a lock file this user cannot open
+            self.release()
             return
+        _HELD[key] = weakref.ref(self)
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         self.file.flush()
 
     def release(self) -> None:
-        if not self.file.closed:
+        if self.file is not None and not self.file.closed:
             self.file.close()
-

@@ -107,6 +107,16 @@ def test_phase_configs(tiny_cfg, tmp_path):
         phases.phase_config(join, "join")  # a phase's config is not the one the user wrote
 
 
+def test_meta_model_may_have_no_block_of_a_placed_kind(tiny_cfg):
+    """An MoE every 4th block, or a structured FFN from block 3 on, is a real choice for the assembled model even
+    though the meta model (one block per module) has no such block: its phases are accepted."""
+    for placed in (["model.moe.num_experts=4", "model.moe.every_n=4"],
+                   ["model.ffn.kind=lowrank", "model.ffn.rank=16", "model.ffn.dense_blocks=2"]):
+        cfg = tiny_cfg(*STEPS, "model.num_layers=8", "assembly.modules=2", *placed)
+        assert phases.phase_config(cfg, "meta").model.num_layers == 2
+        assert phases.phase_config(cfg, "join").model.num_layers == 8
+
+
 @pytest.mark.parametrize("override, key", [
     ("assembly.modules=5", "assembly.modules"),  # more modules than blocks
     ("assembly.module_blocks=[1,2]", "assembly.module_blocks"),  # does not sum to num_layers

@@ -172,6 +172,8 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("validation split without documents", [*train, f"data.sources=[{{path: {w}/five.txt}}]",
                                                 f"data.prefix={w}/c5", "data.split=98,2,0", *fresh],
          "gives the validation split none"),
+        ("test split without documents", [*train, f"data.sources=[{{path: {w}/five.txt}}]", f"data.prefix={w}/c5",
+                                          "data.split=90,5,5", *fresh], "gives the test split none"),
         ("resume under another model shape", [*train, f"train.run_dir={run}", "model.num_layers=3"],
          "holds another model than this config builds (model.num_layers: 2 -> 3"),
         ("trainer state that is no JSON", [*train, *fresh, "checkpoint.verify=none",

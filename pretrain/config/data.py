@@ -40,8 +40,9 @@ class SourceConfig:
 def check_sources(sources: list[SourceConfig], key: str) -> None:
     for i, s in enumerate(sources):
         require(bool(s.path), f"{key}[{i}].path", "is required: a file, a glob or a hub dataset name.")
-        require(not Path(s.path).is_dir(), f"{key}[{i}].path",
-                f"'{s.path}' is a directory; give its files with a glob such as '{Path(s.path) / '*.txt'}'.")
+        require(s.type == "hub" or not Path(s.path).is_dir(), f"{key}[{i}].path",
+                f"'{s.path}' is a directory; give its files with a glob such as '{Path(s.path) / '*.txt'}' (or "
+                "type: hub for a Hugging Face dataset saved there).")
         require(s.type != "auto" or suffix_type(s.path) is not None, f"{key}[{i}].type",
                 f"the suffix of '{s.path}' says nothing pretrain reads (.txt, .md, .jsonl, .json, .parquet, also "
                 "compressed): set type to text, json or parquet for a local file, or to hub to load a Hugging "

@@ -116,7 +116,8 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
 # What other stacks call a key (torchtitan, Megatron-LM, Hugging Face Trainer): the key it is here.
 ALIASES = {"learning_rate": "lr", "lr_warmup_steps": "warmup_steps", "warmup": "warmup_steps", "steps": "max_steps",
            "train_iters": "max_steps", "training_steps": "max_steps", "num_train_steps": "max_steps",
-           "batch_size": "global_batch_size", "local_batch_size": "micro_batch_size", "seq_length": "seq_len",
+           "batch_size": "global_batch_size' or 'micro_batch_size", "local_batch_size": "micro_batch_size",
+           "seq_length": "seq_len",
            "max_seq_len": "seq_len", "sequence_length": "seq_len", "n_layers": "num_layers", "dim": "hidden_size",
            "n_heads": "num_heads", "n_kv_heads": "num_kv_heads", "num_attention_heads": "num_heads",
            "intermediate_size": "ffn_hidden_size", "clip_grad_norm": "grad_clip", "max_norm": "grad_clip",
@@ -124,7 +125,7 @@ ALIASES = {"learning_rate": "lr", "lr_warmup_steps": "warmup_steps", "warmup": "
 
 
 def _unknown(name: str, allowed: dict) -> str:
-    if ALIASES.get(name) in allowed:
+    if name in ALIASES and all(k in allowed for k in ALIASES[name].split("' or '")):
         return f"unknown key. Did you mean '{ALIASES[name]}'? Allowed here: {', '.join(allowed)}."
     close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
     hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -174,7 +175,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            example = f" (write {key}={','.join(map(str, value))})" if isinstance(value, list) else ""
+            example = f" (write {key}={','.join(map(str, value))})" if key == "data.split" and isinstance(value, list) else ""
             raise ConfigError(key, f"must be a string, got {value!r}{example}.")
         return _path(str(value), key) if key.rsplit(".", 1)[-1] in PATH_KEYS else str(value)
     return value

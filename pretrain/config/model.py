@@ -114,13 +114,6 @@ class ModelConfig:
         if moe.num_experts:
             require(1 <= moe.top_k <= moe.num_experts, "model.moe.top_k",
                     f"must lie in [1, num_experts={moe.num_experts}], got {moe.top_k}.")
-            require(moe.every_n <= self.num_layers, "model.moe.every_n",
-                    f"every {moe.every_n}th block is MoE, but the model has {self.num_layers} blocks, so none would be: "
-                    f"set it to {self.num_layers} or less.")
-        if f.kind != "dense":
-            require(f.dense_blocks < self.num_layers, "model.ffn.dense_blocks",
-                    f"the first {f.dense_blocks} blocks stay dense, but the model has {self.num_layers}, so no block "
-                    f"would be {f.kind}: set it below {self.num_layers} (the usual value is 1).")
         widths = [self.ffn_size] + ([moe.expert_ffn_hidden_size] if moe.num_experts and moe.expert_ffn_hidden_size else [])
         if f.kind in ("lowrank", "blockdense"):
             require(f.rank >= 1, "model.ffn.rank", f"{f.kind} needs a rank R >= 1 (e.g. hidden_size // 2).")
@@ -133,3 +126,18 @@ class ModelConfig:
             for width in [self.hidden_size, *widths]:
                 require(width % f.blocks == 0, "model.ffn.blocks",
                         f"{f.blocks} blocks must divide every FFN width (hidden {self.hidden_size}, ffn {widths}); got {width}.")
+
+
+def check_placement(m: ModelConfig) -> None:
+    """The user's model has a block of the kind its settings ask for. Checked on the config a user gives (`pretrain
+    train`, `assemble`, `bench`), not on the configs derived from it: an assembly's meta model has one block per
+    module, where an MoE placed every 4th block may have none."""
+    if m.moe.num_experts:
+        require(m.moe.every_n <= m.num_layers, "model.moe.every_n",
+                f"every {m.moe.every_n}th block is MoE, but the model has {m.num_layers} blocks, so none would be: "
+                f"set it to {m.num_layers} or less.")
+    if m.ffn.kind != "dense":
+        require(m.ffn.dense_blocks < m.num_layers, "model.ffn.dense_blocks",
+                f"the first {m.ffn.dense_blocks} blocks stay dense, but the model has {m.num_layers}, so no block "
+                f"would be {m.ffn.kind}: set it below {m.num_layers} (the usual value is 1).")
+

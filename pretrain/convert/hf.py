@@ -83,9 +83,14 @@ def is_export(out_dir: Path) -> bool:
 def replace_export(out_dir: Path, write: Callable[[Path], Path]) -> Path:
     """``write`` an export next to the earlier one in ``out_dir``, then put it in its place: a failed export leaves
     the earlier one whole, and no file of it (say, custom modeling code) stays beside the new one."""
+    out_dir = out_dir.resolve()  # (`.` has no name to stage beside)
     fresh = out_dir.with_name(f".{out_dir.name}.new")
     shutil.rmtree(fresh, ignore_errors=True)
-    write(fresh)
+    try:
+        write(fresh)
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
     for old in out_dir.iterdir():
         old.unlink()
     for new in fresh.iterdir():
@@ -154,10 +159,9 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, keep_s
         ids = export_tokenizer(tokenizer, out, cfg.data.seq_len)
     else:
         ids = {"bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID}
-        warnings.warn(f"the tokenizer '{model_path(cfg.tokenizer)}' of '{step_dir}' (never trained: imported without "
-                      f"one) does not exist, so {out} holds the model without tokenizer files; put the sentencepiece "
-                      "model it came with at that path and export again (into a new directory).", ExportWarning,
-                      stacklevel=2)
+        warnings.warn(f"'{step_dir}' names no tokenizer that exists ('{model_path(cfg.tokenizer)}'), so {out} holds "
+                      "the model without tokenizer files; put the sentencepiece model it goes with at that path and "
+                      "export again.", ExportWarning, stacklevel=2)
     special = {f"{name}_token_id": ids.get(name) for name in ("bos", "eos", "pad")}
     config.update(special)
     config.save_pretrained(out)
@@ -168,15 +172,15 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, keep_s
 
 
 def _tokenizer_file(step_dir: Path, cfg: RunConfig) -> Path | None:
-    """The tokenizer file the checkpoint's run used, or None for a model never trained (imported without one). A
-    trained run's tokenizer that is gone is refused before anything is written: the export would lack its files."""
+    """The tokenizer file the checkpoint's run used, or None when it has none to give (a run on pre-tokenized data,
+    a model imported without one, a checkpoint older than the record: exported without, with a warning). A run
+    that recorded its tokenizer's digest and whose tokenizer is gone is refused before anything is written."""
     from pretrain.data.tokenizer import model_path
 
     path = model_path(cfg.tokenizer)
     if path.is_file():
         return path
-    state = checkpoint.read_state(step_dir)
-    if not (state.get("tokens") or state["step"]):
+    if not checkpoint.read_state(step_dir).get("tokenizer"):
         return None
     key = f"tokenizer.name {cfg.tokenizer.name}" if cfg.tokenizer.name else "tokenizer.path"
     fix = ("the path is relative: run the export from the directory the training ran in" if not path.is_absolute()

@@ -19,6 +19,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -84,7 +88,7 @@ def build_datasets(cfg: RunConfig, blend: list[tuple[str, float]], tokenizer, ca
             raise UserError(f"'{prefix}.bin/.idx' is not a megatron-core indexed dataset; check data.blend[].path "
                             "(a prefix without .bin/.idx) or run `pretrain preprocess CONFIG`.")
     for prefix, _ in blend:
-        _check_split_documents(prefix, cfg.data.split, [train_samples, valid_samples])
+        _check_split_documents(prefix, cfg.data.split)
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed, sequence_length=cfg.data.seq_len,
@@ -99,21 +103,22 @@ def build_datasets(cfg: RunConfig, blend: list[tuple[str, float]], tokenizer, ca
     return train, valid
 
 
-def _check_split_documents(prefix: str, split: str, samples: list[int]) -> None:
-    """Every split samples are asked of gets at least one document of ``prefix`` (megatron-core cuts each
-    dataset's documents at the rounded split fractions, and asking samples of a split without documents loops
-    forever in its epoch count)."""
-    documents = len(IndexedDataset(prefix).document_indices) - 1
-    weights = [float(x) for x in split.split(",")]
-    bounds = [round(sum(weights[:i]) / sum(weights) * documents) for i in range(len(weights) + 1)]
-    for name, wanted, weight, start, end in zip(("training", "validation"), samples, weights[:2], bounds[:2],
-                                                bounds[1:3], strict=True):
-        if wanted > 0 and weight > 0 and end == start:
-            fix = ("add documents or raise the training weight" if name == "training" else
-                   "add documents, raise the validation weight, or give it weight 0 (e.g. data.split=100,0,0: "
-                   "no validation loss)")
-            raise UserError(f"data.split {split} gives the {name} split none of the {documents} documents of "
-                            f"'{prefix}': {fix}.")
+def _check_split_documents(prefix: str, split: str) -> None:
+    """Every split of nonzero weight gets at least one sequence of ``prefix``: megatron-core cuts each dataset's
+    sequences at the rounded split fractions (computed here as it does) and builds every split of nonzero weight,
+    and one without sequences loops forever in its epoch count."""
+    sequences = len(IndexedDataset(prefix).sequence_lengths)
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    weights = split.split(",")
+    for i, (name, bounds) in enumerate(zip(("training", "validation", "test"), matrix, strict=True)):
+        if bounds is None or int(round(bounds[0] * float(sequences))) != int(round(bounds[1] * float(sequences))):
+            continue
+        zero = ",".join("0" if j == i else w.strip() for j, w in enumerate(weights))
+        fix = ("add data or raise the training weight" if i == 0 else
+               f"add data, raise its weight, or give it weight 0 (data.split={zero}: "
+               f"{'no validation loss' if i == 1 else 'no test split'})")
+        raise UserError(f"data.split {split} gives the {name} split none of the {sequences} documents (sequences) of "
+                        f"'{prefix}': {fix}.")
 
 
 class GlobalBatches:

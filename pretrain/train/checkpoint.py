@@ -251,10 +251,12 @@ def model_differences(path: Path, model: dict) -> list[str]:
     ``model`` (a config's ``to_dict()["model"]``); empty when the checkpoint records no config."""
     import yaml
 
-    config = path / "config.yaml"
-    if not config.is_file():
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text()).get("model")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        return []  # (no readable record: the load failure stays the damage it looks like)
+    if not isinstance(saved, dict):
         return []
-    saved = (yaml.safe_load(config.read_text()) or {}).get("model", {})
 
     def flat(d: dict, prefix: str) -> dict:
         out = {}

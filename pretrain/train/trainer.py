@@ -63,6 +63,15 @@ class _Hooks:
         self.trainer.callbacks_call("on_before_optimizer_step", self.step)
 
 
+# Model keys that change the shapes of the weights: a checkpoint that will not load under a config differing in one
+# of them holds another model (the others, e.g. the init or the attention kernel, leave a load failure as damage).
+SHAPE_KEYS = {f"model.{k}" for k in (
+    "vocab_size", "pad_vocab_multiple", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
+    "tie_embeddings", "norm", "norm_placement", "ffn.activation", "ffn.kind", "ffn.rank", "ffn.blocks", "ffn.dense_blocks",
+    "ffn.self_guided.enabled", "moe.num_experts", "moe.every_n", "moe.router", "moe.expert_ffn_hidden_size",
+    "moe.num_shared_experts")}
+
+
 class Trainer:
     """One run. ``callbacks`` are the methods' and any added with ``callbacks.append`` (called in order); the
     loop's own (progress, validation, checkpoints) always come after them, so a checkpoint holds the state every
@@ -105,7 +114,8 @@ class Trainer:
         if self.dims.is_parallel:
             dist.barrier()
         self.engine, resume_from, state = self._start()
-        self._check_tokenizer(state, resume_from)
+        if self.tokenizer is not None:
+            state["tokenizer"] = self.tokenizer.digest  # what the checkpoints record (resuming checks it)
         self.total_steps = cfg.total_steps
         if state["step"] > self.total_steps:
             raise UserError(f"the run resumes at step {state['step']} ({resume_from}), past the end of its schedule "
@@ -167,18 +177,15 @@ class Trainer:
         self.callbacks = [cb for cb in self.callbacks if id(cb) not in old] + self.method_callbacks
         self.flops_per_token = self.engine.flops_per_token
 
-    def _check_tokenizer(self, state: dict, resume_from: Path | None) -> None:
+    def _check_tokenizer(self, saved: dict, path: Path) -> None:
         """A run keeps its tokenizer: the checkpoint records the tokenizer's digest, and resuming under another one
         (its ids meaning other pieces) is refused. Checkpoints that predate the record are taken as they are."""
         digest = self.tokenizer.digest if self.tokenizer is not None else None
-        saved = state.get("tokenizer")
-        if resume_from is not None and saved and digest and saved != digest:
-            raise UserError(f"checkpoint '{resume_from}' was trained with another tokenizer (digest {saved}) than "
-                            f"'{self.tokenizer.path}' (digest {digest}): its token ids mean other pieces. Point "
+        if saved.get("tokenizer") and digest and saved["tokenizer"] != digest:
+            raise UserError(f"checkpoint '{path}' was trained with another tokenizer (digest {saved['tokenizer']}) "
+                            f"than '{self.tokenizer.path}' (digest {digest}): its token ids mean other pieces. Point "
                             "tokenizer.path (or tokenizer.name) at the run's tokenizer, or start a new run in another "
                             "train.run_dir.")
-        if digest:
-            state["tokenizer"] = digest
 
     def _start(self) -> tuple[Engine, Path | None, dict]:
         """The engine, built as of the checkpoint the run resumes from, with that checkpoint loaded. A damaged
@@ -200,6 +207,8 @@ class Trainer:
                     if explicit:
                         raise
                     saved, problem = None, str(e)
+                else:
+                    self._check_tokenizer(saved, path)  # (before the model: another tokenizer's size changes it)
             if problem is None:
                 self._enter_stage(saved.get("stage", 0))
                 engine = build_engine(self.cfg, self.dims, self.device, saved["step"])
@@ -207,7 +216,7 @@ class Trainer:
                     state = checkpoint.load(path, engine.load_state)
                 except UserError as e:
                     changed = checkpoint.model_differences(path, self.cfg.to_dict()["model"])
-                    if changed:  # not damage: this config builds another model than the one saved
+                    if any(d.split(":")[0] in SHAPE_KEYS for d in changed):  # not damage: another model's shapes
                         raise UserError(
                             f"checkpoint '{path}' holds another model than this config builds ({'; '.join(changed)}). "
                             "Set those keys back to resume the run, or start the new model in another "
