@@ -54,34 +54,4 @@ def check_growth(cfg: RunConfig) -> None:
                 f"must lie in [1, experts={stage.experts}], got {stage.top_k}.")
         unknown = sorted(set(stage.parallel) - allowed)
         require(not unknown, f"{key}.parallel", f"unknown keys {unknown}; allowed: {', '.join(sorted(allowed))}.")
-    _check_stage_models(cfg)
 
-
-def _check_stage_models(cfg: RunConfig) -> None:
-    """Each operator accepts the model of the stage before it, and each grown model and layout is a valid run: found
-    when the config loads, not hours later when the run reaches the stage."""
-    from pretrain.config.fields import ConfigError
-    from pretrain.errors import UserError
-    from pretrain.growth.operators import DEPTH_OPS, GrowthError, depth_map, upcycle_target, width_target
-    from pretrain.growth.stages import spec_of, stage_config
-
-    model = cfg.model
-    for i, stage in enumerate(cfg.growth):
-        key = f"growth[{i}]"
-        try:
-            if stage.op in DEPTH_OPS:
-                target = stage.num_layers or model.num_layers * (stage.factor or 4)
-                require(target > model.num_layers, f"{key}.num_layers" if stage.num_layers else f"{key}.factor",
-                        f"the grown model would have {target} blocks, the stage before it has {model.num_layers}: "
-                        "growth adds blocks.")
-                depth_map(stage.op, model.num_layers, target)
-            elif stage.op == "width":
-                width_target(model, stage.hidden_factor, stage.ffn_size or None)
-            else:
-                upcycle_target(model, spec_of(stage).moe)
-        except GrowthError as e:
-            raise ConfigError(f"{key}.op", f"{stage.op} cannot grow the model before this stage: {e}") from None
-        try:
-            model = stage_config(cfg, i + 1).model
-        except UserError as e:
-            raise ConfigError(key, f"the run after this stage would be refused: {e}") from None

@@ -42,6 +42,34 @@ def grown_model_config(stage: GrowthStage, cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, moe=spec_of(stage).moe)
 
 
+def check_stages(cfg: RunConfig) -> None:
+    """Each stage's operator accepts the model of the stage before it, and each grown model and layout is a valid
+    run: found before the run starts, not hours later when it reaches the stage."""
+    from pretrain.config.fields import ConfigError, require
+    from pretrain.growth.operators import GrowthError, depth_map, upcycle_target, width_target
+
+    model = cfg.model
+    for i, stage in enumerate(cfg.growth):
+        key = f"growth[{i}]"
+        try:
+            if stage.op in DEPTH_OPS:
+                target = stage.num_layers or model.num_layers * (stage.factor or 4)
+                require(target > model.num_layers, f"{key}.num_layers" if stage.num_layers else f"{key}.factor",
+                        f"the grown model would have {target} blocks, the stage before it has {model.num_layers}: "
+                        "growth adds blocks.")
+                depth_map(stage.op, model.num_layers, target)
+            elif stage.op == "width":
+                width_target(model, stage.hidden_factor, stage.ffn_size or None)
+            else:
+                upcycle_target(model, spec_of(stage).moe)
+        except GrowthError as e:
+            raise ConfigError(f"{key}.op", f"{stage.op} cannot grow the model before this stage: {e}") from None
+        try:
+            model = stage_config(cfg, i + 1).model
+        except UserError as e:
+            raise ConfigError(key, f"the run after this stage would be refused: {e}") from None
+
+
 def stage_config(cfg: RunConfig, stage: int) -> RunConfig:
     """The config of ``stage`` (0: before any growth): the model grown by the stages up to it, the layout of the
     newest stage that sets one, and no stages of its own (it describes that model alone, as its checkpoints do)."""

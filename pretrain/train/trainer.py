@@ -25,6 +25,7 @@ from pretrain.errors import RankFailure, UserError
 from pretrain.generate import generate
 from pretrain.growth.stages import (
     GrowthStages,
+    check_stages,
     grow_saved,
     grown_state,
     in_place,
@@ -79,6 +80,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, log=print):
         check_torch_version()
+        check_stages(cfg)  # (a growth stage its operator refuses: before any work, not at its step)
         self.dims, self.device = mesh.setup(cfg.parallel, devices.resolve(cfg.train.device))
         devices.retain_host_memory(self.device)
         self.rank = self.dims.rank
