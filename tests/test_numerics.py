@@ -153,6 +153,7 @@ def test_cli_run_from_a_corrupted_checkpoint_exits_2_and_keeps_it(tiny_overrides
         trainer.model.norm.weight[0] = float("nan")
     checkpoint.save_dcp(step, trainer.model, trainer.optimizer)  # the same checkpoint, one weight NaN
     forge_integrity(step)  # as if it had been written that way: no file differs from its record
+    trainer.release_run_dir()  # (the run directory's lock: the CLI run below is another process)
     result = run_cli("train", *common, "train.max_steps=8")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "NaN or infinite" in result.stderr and "Traceback" not in result.stderr

@@ -246,6 +246,12 @@ class Trainer:
             return engine, None, assemble(engine, cfg, self.log)
         return engine, None, {"step": 0, "consumed_samples": 0, "tokens": 0, "flops": 0.0}
 
+    def release_run_dir(self) -> None:
+        """Let another process start in this run directory (done when ``fit`` ends; before that, the lock lasts
+        as long as this object)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+
     @property
     def model(self) -> torch.nn.Module:
         return self.engine.model
@@ -407,6 +413,7 @@ class Trainer:
         except BaseException as error:
             self.callbacks_call("on_error", error)
             self.metrics.close()
+            self.release_run_dir()
             if is_collective_timeout(error):
                 newest = self.newest_checkpoint()
                 raise RankFailure(
@@ -417,6 +424,7 @@ class Trainer:
             raise
         self.callbacks_call("on_run_end")
         self.metrics.close()
+        self.release_run_dir()  # (the run is over: the directory is free for the next one)
         return {"step": st["step"], "val_loss": self.evaluator.last, "checkpoint": self.checkpointer.last,
                 "preempted": self.stop_on_signal.stopped}
 
