@@ -37,7 +37,8 @@ def require_writable_file(path: str | Path, what: str) -> Path:
     return path
 
 
-_HELD: dict[tuple[int, int], weakref.ref] = {}  # run directories this process holds: (st_dev, st_ino) -> its lock
+# The run directories this process holds: (st_dev, st_ino) -> its live lock (an entry goes with its lock).
+_HELD: weakref.WeakValueDictionary[tuple[int, int], RunDirLock] = weakref.WeakValueDictionary()
 
 
 class RunDirLock:
@@ -54,8 +55,7 @@ class RunDirLock:
 
         self.file = None
         key = (run_dir.stat().st_dev, run_dir.stat().st_ino)
-        held = _HELD.get(key)
-        if held is not None and held() is not None:
+        if key in _HELD:
             return
         try:
             self.file = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held open for the run's life
@@ -71,7 +71,7 @@ class RunDirLock:
         except OSError:  # no flock on this file system, or a lock file this user cannot open
             self.release()
             return
-        _HELD[key] = weakref.ref(self)
+        _HELD[key] = self
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

@@ -38,6 +38,7 @@ def test_float_written_without_dot_is_a_number(tmp_path):
     ("train:\n  max_step: 3\n", None, "train.max_step", "Did you mean 'max_steps'"),
     ("trian:\n  max_steps: 3\n", None, "trian", "Did you mean 'train'"),
     (None, "optim.lrr=1", "optim.lrr", "Did you mean 'lr'"),
+    (None, "data.batch_size=8", "data.batch_size", "Did you mean 'global_batch_size' or 'micro_batch_size'"),
     ("train:\n  max_steps: ten\n", None, "train.max_steps", "must be an integer"),
     (None, "logging.tensorboard=maybe", "logging.tensorboard", "true or false"),
     (None, "train.precision=fp8", "train.precision", "allowed: auto, fp32, bf16"),

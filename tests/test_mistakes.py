@@ -187,6 +187,8 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
          "is a directory; give its files with a glob"),
         ("structured rank above the width", [*train, "model.ffn.kind=lowrank", "model.ffn.rank=128"],
          "model.ffn.rank=32"),
+        ("block-shuffle FFN of one block", [*train, "model.ffn.kind=blockshuffle", "model.ffn.blocks=1"],
+         "at least 2 blocks"),
         ("override written as an option", [*train, "--train.max_steps=3"], "without dashes"),
         ("config given as an option", ["train", "--config", "configs/quickstart.yaml"], "the first argument"),
         ("key named as another stack names it", [*train, "optim.learning_rate=1e-3"], "Did you mean 'lr'"),

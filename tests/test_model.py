@@ -1,5 +1,7 @@
 """The Llama-style model: causality, parameter and FLOP counts from the config, init by global name."""
 
+import json
+
 import torch
 
 from pretrain.config import ModelConfig
@@ -65,3 +67,67 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     tokens = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(gqa(tokens), mha(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_shape_keys_are_exactly_the_keys_that_change_weight_shapes():
+    """model.SHAPE_KEYS decides whether a checkpoint that will not load holds another model (a refusal naming
+    the keys) or is damaged: every other model key, changed, must leave every weight's shape alone, and each
+    shape key must change one. (pad_vocab_multiple shapes the embedding only through the tokenizer's size.)"""
+    import dataclasses
+    import typing
+
+    from pretrain.config import ConfigError, from_dict
+    from pretrain.config.model import SHAPE_KEYS
+
+    bases = [{"vocab_size": 97, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+              "ffn_hidden_size": 48, **extra} for extra in (
+        {"moe": {"num_experts": 4, "top_k": 2}},
+        {"ffn": {"kind": "lowrank", "rank": 8, "self_guided": {"enabled": True}}},
+        {"ffn": {"kind": "blockshuffle", "blocks": 2}})]
+
+    def leaves(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from leaves(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", hints[f.name]
+
+    def shapes(model: dict) -> dict:
+        return {n: p.shape for n, p in build_model(from_dict({"model": model}).validate().model, 0).named_parameters()}
+
+    def changed(model: dict, key: str, value) -> dict:
+        out = json.loads(json.dumps(model))
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+        return out
+
+    def alternatives(tp, value):
+        if typing.get_origin(tp) is typing.Literal:
+            return [v for v in typing.get_args(tp) if v != value]
+        if tp is bool:
+            return [not value]
+        if tp is int:
+            return [value * 2 or 1, value + 1]
+        return [value * 0.5 or 0.5]
+
+    keys = dict(leaves(ModelConfig))
+    assert SHAPE_KEYS <= keys.keys(), SHAPE_KEYS - keys.keys()
+    shaping = set()
+    for base in bases:
+        reference, resolved = shapes(base), from_dict({"model": base}).model
+        for key, tp in keys.items():
+            value = resolved
+            for part in key.split("."):
+                value = getattr(value, part)
+            for alt in alternatives(tp, value):
+                try:
+                    other = shapes(changed(base, key, alt))
+                except ConfigError:
+                    continue
+                if other != reference:
+                    shaping.add(key)
+    assert shaping == SHAPE_KEYS - {"pad_vocab_multiple"}

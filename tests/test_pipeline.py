@@ -111,14 +111,15 @@ def runs(tmp_path_factory, shared_cache):
     for kind, layout in CASES:
         nproc, overrides = LAYOUTS[layout]
         jobs[nproc].append({"overrides": base + KINDS[kind] + overrides + [f"train.run_dir={tmp}/{kind}_{layout}"],
-                            "grads": str(tmp / f"{kind}_{layout}"), "per_rank": True})
+                            "grads": str(tmp / f"{kind}_{layout}"), "per_rank": True,
+                            "checkpoint": (kind, layout) in RESUMED})
     for kind, layout in PROBED:
         jobs[2].append({"overrides": base + KINDS[kind] + LAYOUTS[layout][1] + [
             f"train.run_dir={tmp}/probe_{kind}_{layout}", "train.max_steps=1", "train.stop_at_step=0"],
-            "probe": str(tmp / f"probe_{kind}_{layout}")})
+            "probe": str(tmp / f"probe_{kind}_{layout}"), "checkpoint": False})
     jobs[2].append({"overrides": base + LAYOUTS["zbv"][1] + [
         f"train.run_dir={tmp}/dense_from_single", "train.stop_at_step=0",
-        f"train.resume={tmp}/ref_dense/checkpoints/step_0000003"]})
+        f"train.resume={tmp}/ref_dense/checkpoints/step_0000003"], "checkpoint": False})
     for layout in SAMPLED:  # the reference's final weights, no step: sampling only
         nproc, overrides = LAYOUTS[layout]
         jobs[nproc].append({"overrides": base + overrides + [

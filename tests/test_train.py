@@ -66,7 +66,9 @@ def test_resume_equals_uninterrupted_bitwise(tiny_cfg, tmp_path):
     split = [f"train.run_dir={tmp_path}/split"]
     run_training(tiny_cfg(*split, "train.stop_at_step=10"), log=quiet)
     assert max(losses(tmp_path / "split")) == 10
-    run_training(tiny_cfg(*split), log=quiet)  # resume: auto finds step_0000010
+    said: list[str] = []
+    run_training(tiny_cfg(*split), log=lambda *a, **k: said.append(" ".join(map(str, a))))  # auto finds step 10
+    assert any("resumed from" in line for line in said) and not any("other model settings" in line for line in said)
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "split")
     assert sorted(b) == list(range(1, 21))
     assert [a[s] for s in range(11, 21)] == [b[s] for s in range(11, 21)]  # bitwise equal floats
@@ -76,6 +78,13 @@ def test_resume_equals_uninterrupted_bitwise(tiny_cfg, tmp_path):
     ma, mb = pretrain.load_model(tmp_path / "whole"), pretrain.load_model(tmp_path / "split")
     for (name, pa), (_, pb) in zip(ma.state_dict().items(), mb.state_dict().items(), strict=True):
         assert torch.equal(pa, pb), name
+    # a model key changed on resume that leaves the shapes alone: the run goes on, and says what changed
+    said.clear()
+    run_training(tiny_cfg(f"train.run_dir={tmp_path}/longer_rope", "model.rope_theta=20000", "train.stop_at_step=11",
+                          f"train.resume={tmp_path}/split/checkpoints/step_0000010"),
+                 log=lambda *a, **k: said.append(" ".join(map(str, a))))
+    assert any("other model settings (model.rope_theta: 10000.0 -> 20000.0)" in line for line in said), said
+    assert sorted(losses(tmp_path / "longer_rope")) == [11]
 
 
 def test_checkpoints_are_atomic_and_pruned(tiny_cfg, tmp_path):

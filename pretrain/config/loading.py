@@ -113,10 +113,10 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-# What other stacks call a key (torchtitan, Megatron-LM, Hugging Face Trainer): the key it is here.
-ALIASES = {"learning_rate": "lr", "lr_warmup_steps": "warmup_steps", "warmup": "warmup_steps", "steps": "max_steps",
+# What other stacks call a key (torchtitan, Megatron-LM, Hugging Face Trainer): the key (or keys) it is here.
+ALIASES: dict[str, str | tuple[str, ...]] = {"learning_rate": "lr", "lr_warmup_steps": "warmup_steps", "warmup": "warmup_steps", "steps": "max_steps",
            "train_iters": "max_steps", "training_steps": "max_steps", "num_train_steps": "max_steps",
-           "batch_size": "global_batch_size' or 'micro_batch_size", "local_batch_size": "micro_batch_size",
+           "batch_size": ("global_batch_size", "micro_batch_size"), "local_batch_size": "micro_batch_size",
            "seq_length": "seq_len",
            "max_seq_len": "seq_len", "sequence_length": "seq_len", "n_layers": "num_layers", "dim": "hidden_size",
            "n_heads": "num_heads", "n_kv_heads": "num_kv_heads", "num_attention_heads": "num_heads",
@@ -125,8 +125,10 @@ ALIASES = {"learning_rate": "lr", "lr_warmup_steps": "warmup_steps", "warmup": "
 
 
 def _unknown(name: str, allowed: dict) -> str:
-    if name in ALIASES and all(k in allowed for k in ALIASES[name].split("' or '")):
-        return f"unknown key. Did you mean '{ALIASES[name]}'? Allowed here: {', '.join(allowed)}."
+    ours = ALIASES.get(name, ())
+    ours = (ours,) if isinstance(ours, str) else ours
+    if ours and all(k in allowed for k in ours):
+        return f"unknown key. Did you mean {' or '.join(repr(k) for k in ours)}? Allowed here: {', '.join(allowed)}."
     close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return f"unknown key.{hint} Allowed here: {', '.join(allowed)}."

@@ -122,10 +122,23 @@ class ModelConfig:
                     f"FFN matrix has (at most {most}): lower it, e.g. model.ffn.rank={max(most // 2, 1)}.")
         if f.kind == "blockdense":
             require(f.rank % f.blocks == 0, "model.ffn.rank", f"rank {f.rank} must be divisible by blocks {f.blocks}.")
+        if f.kind == "blockshuffle":
+            require(f.blocks >= 2, "model.ffn.blocks", f"blockshuffle needs at least 2 blocks (got {f.blocks}): one "
+                    "block has more parameters than the dense layer it replaces; the usual value is 2 or 4.")
         if f.kind in ("blockdense", "blockshuffle"):
             for width in [self.hidden_size, *widths]:
                 require(width % f.blocks == 0, "model.ffn.blocks",
                         f"{f.blocks} blocks must divide every FFN width (hidden {self.hidden_size}, ffn {widths}); got {width}.")
+
+
+# The keys that change the shapes of the weights (dotted below ``model.``): a checkpoint that will not load under a
+# config differing in one of them holds another model; a difference in any other key (the init, the attention
+# kernel, ...) leaves a load failure the damage it looks like. A new key that shapes a weight belongs here.
+SHAPE_KEYS = frozenset((
+    "vocab_size", "pad_vocab_multiple", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
+    "tie_embeddings", "norm", "norm_placement", "ffn.activation", "ffn.kind", "ffn.rank", "ffn.blocks",
+    "ffn.dense_blocks", "ffn.self_guided.enabled", "moe.num_experts", "moe.every_n", "moe.router",
+    "moe.expert_ffn_hidden_size", "moe.num_shared_experts"))
 
 
 def check_placement(m: ModelConfig) -> None:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from pretrain import device as devices
 from pretrain.config import RunConfig, resolve
+from pretrain.config.model import SHAPE_KEYS
 from pretrain.data.loader import GlobalBatches, MicroBatch, build_datasets, read_ahead
 from pretrain.data.prepare import ensure_data, ensure_tokenizer
 from pretrain.errors import RankFailure, UserError
@@ -62,15 +63,6 @@ class _Hooks:
 
     def before_optimizer_step(self) -> None:
         self.trainer.callbacks_call("on_before_optimizer_step", self.step)
-
-
-# Model keys that change the shapes of the weights: a checkpoint that will not load under a config differing in one
-# of them holds another model (the others, e.g. the init or the attention kernel, leave a load failure as damage).
-SHAPE_KEYS = {f"model.{k}" for k in (
-    "vocab_size", "pad_vocab_multiple", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
-    "tie_embeddings", "norm", "norm_placement", "ffn.activation", "ffn.kind", "ffn.rank", "ffn.blocks", "ffn.dense_blocks",
-    "ffn.self_guided.enabled", "moe.num_experts", "moe.every_n", "moe.router", "moe.expert_ffn_hidden_size",
-    "moe.num_shared_experts")}
 
 
 class Trainer:
@@ -218,7 +210,7 @@ class Trainer:
                     state = checkpoint.load(path, engine.load_state)
                 except UserError as e:
                     changed = checkpoint.model_differences(path, self.cfg.to_dict()["model"])
-                    if any(d.split(":")[0] in SHAPE_KEYS for d in changed):  # not damage: another model's shapes
+                    if any(d.split(":")[0].removeprefix("model.") in SHAPE_KEYS for d in changed):  # not damage: another model's shapes
                         raise UserError(
                             f"checkpoint '{path}' holds another model than this config builds ({'; '.join(changed)}). "
                             "Set those keys back to resume the run, or start the new model in another "
@@ -228,6 +220,10 @@ class Trainer:
                     problem = str(e)
             if problem is None:
                 self.log(f"resumed from {path} at step {state['step']}")
+                changed = checkpoint.model_differences(path, self.cfg.to_dict()["model"])
+                if changed:  # loads (same shapes), but computes otherwise: deliberate (a longer RoPE base) or not
+                    self.log(f"warning: the checkpoint was trained under other model settings ({'; '.join(changed)}); "
+                             "the run goes on under this config's. Set them back if that was not meant.")
                 return engine, path, state
             if explicit:
                 raise UserError(f"checkpoint '{path}' is damaged: {problem}. Resume from another one (train.resume=auto "
