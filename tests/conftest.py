@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,18 +53,33 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
 
 # ---- multi-process layouts against the single-process run (tests/test_distributed.py, test_pipeline.py) ----
 
-def torchrun_jobs(worker: str, nproc: int, jobs: list[dict], tmp: Path, port: int) -> None:
-    """Run every job of ``jobs`` under one torchrun launch of ``tests/WORKER`` (one process group for all);
-    the launch's output goes to ``tmp/torchrunN.log``, its first errors into the assertion message."""
+def launch_jobs(worker: str, nproc: int, jobs: list[dict], tmp: Path, port: int, timeout: float = 900) -> None:
+    """Run every job of ``jobs`` in one process group of ``nproc`` processes of ``tests/WORKER``, started with the
+    variables torchrun gives its workers (torchrun's own agent would add an interpreter start-up of a few seconds
+    per launch; launching through torchrun is what tests/test_launch.py, test_faults.py and test_hangs.py test).
+    The output goes to ``tmp/launchN.log``; when a process fails the others are stopped (their collectives would
+    wait for it), and its first errors go into the assertion message."""
     job_file = tmp / f"jobs{nproc}.json"
     job_file.write_text(json.dumps(jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                             "--master_port", str(port), str(REPO / "tests" / worker), str(job_file)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    (tmp / f"torchrun{nproc}.log").write_text(result.stdout + result.stderr)
-    first_errors = [line for line in result.stderr.splitlines() if "Error:" in line][:5]
-    assert result.returncode == 0, "\n".join(first_errors) + "\n" + result.stderr[-3000:]
+    log = tmp / f"launch{nproc}.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+    with log.open("w") as out:
+        procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / worker), str(job_file)], cwd=REPO,
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=out, stderr=out)
+                 for r in range(nproc)]
+        deadline, codes = time.time() + timeout, {}
+        while len(codes) < nproc and time.time() < deadline and not any(codes.values()):
+            time.sleep(0.1)
+            codes = {r: p.poll() for r, p in enumerate(procs) if p.poll() is not None}
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    text = log.read_text()
+    first_errors = [line for line in text.splitlines() if "Error:" in line][:5]
+    assert len(codes) == nproc and not any(codes.values()), (
+        f"exit codes {codes} (of {nproc})\n" + "\n".join(first_errors) + "\n" + text[-3000:])
 
 
 def resume_in_one_process(overrides: list[str], run_dir: Path, from_run: Path, step: int) -> None:

@@ -1,4 +1,4 @@
-"""Runs under torchrun for tests/test_distributed.py and tests/test_pipeline.py: one process group serves
+"""Runs as each process of a launch (tests/conftest.py::launch_jobs) for the layout tests: one process group serves
 every job of a launch, and each job trains with the real Trainer under one parallel layout. A job may
 * record every parameter's full gradient after the first backward (``grads``): rank 0 writes them, or with
   ``per_rank`` every rank writes those it holds (its pipeline stages');

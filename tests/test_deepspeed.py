@@ -2,7 +2,7 @@
 losses of ZeRO-1/2/3 (with and without offload) for a dense, an MoE and a structured model, gradient accumulation,
 resume after a stop and after kill -9, checkpoints that cross engines and world sizes, and export.
 
-One torchrun launch runs every comparison job, so the process group starts once."""
+One launch runs every comparison job, so the process group starts once."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, TINY, losses, torchrun_jobs
+from tests.conftest import REPO, TINY, launch_jobs, losses
 
 KINDS = {
     "dense": [],
@@ -63,7 +63,7 @@ def runs(tmp_path_factory, shared_cache):
         job("z3_from_native", *DS, "parallel.zero_stage=3",
             f"train.resume={tmp}/native_dense/checkpoints/step_0000003"),
     ]
-    torchrun_jobs("dist_worker.py", 2, jobs, tmp, port=29521)
+    launch_jobs("dist_worker.py", 2, jobs, tmp, port=29521)
     return tmp, base
 
 

@@ -1,7 +1,7 @@
 """Every parallel layout against the single-process model (gloo on CPU): loss and every parameter's
 gradient after one step, losses over 5 steps, and checkpoints that resume under another layout.
 
-One torchrun launch per world size runs all of its layouts, so each process group starts once."""
+One launch per world size runs all of its layouts, so each process group starts once."""
 
 import json
 from pathlib import Path
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import assert_same_grads, losses, resume_in_one_process, torchrun_jobs
+from tests.conftest import assert_same_grads, launch_jobs, losses, resume_in_one_process
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = {
@@ -61,13 +61,13 @@ STEPS = ["train.max_steps=6", "train.stop_at_step=5", "checkpoint.interval=5", "
          "train.log_interval=1", "optim.warmup_steps=1"]
 
 
-def torchrun(nproc: int, jobs: list[dict], tmp: Path) -> None:
-    torchrun_jobs("dist_worker.py", nproc, jobs, tmp, port=29500 + nproc)
+def launch(nproc: int, jobs: list[dict], tmp: Path) -> None:
+    launch_jobs("dist_worker.py", nproc, jobs, tmp, port=29500 + nproc)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, shared_cache):
-    """Single-process references, then every layout (one torchrun per world size), then each layout's
+    """Single-process references, then every layout (one launch per world size), then each layout's
     step-5 checkpoint resumed in a single process and the reference's checkpoint resumed under tp2."""
     from pretrain.config import load_config
     from tests.conftest import TINY
@@ -92,7 +92,7 @@ def runs(tmp_path_factory, shared_cache):
             f"train.run_dir={tmp}/{kind}_from_single", f"train.resume={ref_ckpt}", "train.stop_at_step=0"],
             "checkpoint": False})
     for nproc, job_list in jobs.items():
-        torchrun(nproc, job_list, tmp)
+        launch(nproc, job_list, tmp)
     for kind, layout in RESUMED:  # a checkpoint of every layout (and of each kind's resharded weights) in one process
         resume_in_one_process(base + KINDS[kind], tmp / f"resume_{kind}_{layout}", tmp / f"{kind}_{layout}", 5)
     return tmp

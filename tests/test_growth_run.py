@@ -15,7 +15,7 @@ from pretrain.config import load_config
 from pretrain.growth.offline import GrowthSpec, grow_checkpoint
 from pretrain.growth.operators import depth_map
 from pretrain.train import checkpoint
-from tests.conftest import TINY, run_cli, torchrun_jobs
+from tests.conftest import TINY, launch_jobs, run_cli
 
 STEPS = ["train.max_steps=4", "train.eval_interval=0", "checkpoint.interval=4", "train.log_interval=1",
          "optim.warmup_steps=1"]
@@ -60,13 +60,13 @@ def test_grown_run_continues_the_data_tokens_and_flops(tiny_overrides, tmp_path)
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory, shared_cache):
-    """Two steps of the same tiny model under tp2 and under pp2 (one torchrun), each checkpointed."""
+    """Two steps of the same tiny model under tp2 and under pp2 (one launch), each checkpointed."""
     tmp = tmp_path_factory.mktemp("grow_layouts")
     base = TINY + [f"tokenizer.path={shared_cache}/tok.model", f"data.prefix={shared_cache}/corpus",
                    "train.max_steps=2", "checkpoint.interval=2", "train.eval_interval=0"]
     jobs = [{"overrides": base + layout + [f"train.run_dir={tmp}/{name}"]}
             for name, layout in {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}.items()]
-    torchrun_jobs("dist_worker.py", 2, jobs, tmp, port=29640)
+    launch_jobs("dist_worker.py", 2, jobs, tmp, port=29640)
     return tmp
 
 

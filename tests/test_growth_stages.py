@@ -17,7 +17,7 @@ import torch
 import pretrain
 from pretrain.config import ConfigError, load_config
 from pretrain.growth.operators import depth_map
-from tests.conftest import REPO, TINY, torchrun_jobs
+from tests.conftest import REPO, TINY, launch_jobs
 
 STEPS = ["train.max_steps=8", "train.eval_interval=4", "checkpoint.interval=4", "train.log_interval=1",
          "optim.warmup_steps=1"]
@@ -48,14 +48,14 @@ def check_grown(run_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def grown_runs(tmp_path_factory, shared_cache):
-    """A dense and an LNS run on 2 processes (one torchrun), each growing from 2 data-parallel shards of 2 blocks
+    """A dense and an LNS run on 2 processes (one launch), each growing from 2 data-parallel shards of 2 blocks
     to 2 pipeline stages of 2 blocks each after step 3."""
     tmp = tmp_path_factory.mktemp("grown_runs")
     base = TINY + [f"tokenizer.path={shared_cache}/tok.model", f"data.prefix={shared_cache}/corpus", *STEPS]
     grow = "growth=[{at_step: 3, op: stack, factor: 2, parallel: {dp_shard: 1, pp: 2}}]"
     jobs = [{"overrides": base + extra + ["parallel.dp_shard=2", grow, f"train.run_dir={tmp}/{kind}"]}
             for kind, extra in {"dense": [], "lns": ["model.norm_scaling=lns"]}.items()]
-    torchrun_jobs("dist_worker.py", 2, jobs, tmp, port=29650)
+    launch_jobs("dist_worker.py", 2, jobs, tmp, port=29650)
     return tmp
 
 

@@ -74,21 +74,9 @@ def reference(tiny_overrides, run_dir: Path, max_steps: int) -> dict[int, float]
 
 
 @pytest.mark.slow
-def test_sbatch_trains_on_two_nodes(slurm, tiny_overrides, tmp_path):
-    expected = reference(tiny_overrides, tmp_path / "ref", 6)
-    run_dir = tmp_path / "slurm_run"
-    job = submit(slurm, ["configs/quickstart.yaml", *tiny_overrides, *STEPS, "train.max_steps=6",
-                         "parallel.dp_shard=2", f"train.run_dir={run_dir}"], tmp_path / "job.out")
-    wait_gone(job)
-    log = (tmp_path / "job.out").read_text()
-    assert "on n[1-2]" in log, log[-3000:]
-    got = losses(run_dir)
-    assert sorted(got) == list(range(1, 7)), log[-3000:]
-    assert [got[s] for s in range(1, 7)] == pytest.approx([expected[s] for s in range(1, 7)], abs=1e-4)
-
-
-@pytest.mark.slow
-def test_preempted_job_requeues_and_resumes_without_losing_a_step(slurm, tiny_overrides, tmp_path):
+def test_two_node_job_preempted_requeues_and_resumes_without_losing_a_step(slurm, tiny_overrides, tmp_path):
+    """A data-parallel job on both nodes gives the single-process losses; SIGUSR1 (SLURM's warning before a
+    preemption) makes it checkpoint, requeue itself and continue from that step in its next allocation."""
     steps = 60
     expected = reference(tiny_overrides, tmp_path / "ref", steps)
     run_dir = tmp_path / "slurm_run"
@@ -113,6 +101,7 @@ def test_preempted_job_requeues_and_resumes_without_losing_a_step(slurm, tiny_ov
         time.sleep(0.2)
     wait_gone(job)
     log = out.read_text()
+    assert "on n[1-2]" in log, log[-3000:]
     assert "preempted at step" in log and "requeueing" in log, log[-3000:]
     assert "(restart 1)" in log, log[-3000:]
     got = losses(run_dir)
