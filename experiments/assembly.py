@@ -114,7 +114,9 @@ def run(scale: str, out: Path, meta_share: float, incubation_share: float, log=p
               "steps": steps, "budget_flops": budget, "flops_per_token": fpt, "seeds": seeds, "final_val_loss": finals,
               "mean_difference": statistics.mean(a - b for a, b in zip(finals["assembled"], finals["end_to_end"],
                                                                         strict=True)),
-              "command": f"python experiments/assembly.py --scale {scale}"}
+              "command": f"python experiments/assembly.py --scale {scale}"
+              + (f" --meta-share {meta_share} --incubation-share {incubation_share}"
+                 if (meta_share, incubation_share) != (0.1, 0.5) else "")}
     write(out, "assembly", result)
     plot(result, out / "assembly.png")
     return result
