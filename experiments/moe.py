@@ -9,6 +9,7 @@ tokens per expert, averaged over the MoE layers). Runs are cached in OUT/runs, s
     python experiments/moe.py                  # CPU: 4 x 128, 300 steps, 3 seeds, about 25 minutes
     python experiments/moe.py --scale gpu      # 12 x 512, 2000 steps, 3 seeds
     python experiments/moe.py --scale toy      # seconds: what the test suite runs
+    python experiments/moe.py --steps 1200 --variants dense top2 hash   # longer, some variants (out: moe_1200steps)
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def load_cv(records: list[dict]) -> list[tuple[int, float]]:
     return out
 
 
-def run(scale: str, out: Path, log=print) -> dict:
-    s = SCALES[scale]
+def run(scale: str, out: Path, log=print, steps: int | None = None, names: list[str] | None = None) -> dict:
+    s = {**SCALES[scale], **({"steps": steps} if steps else {}), **({"variants": names} if names else {})}
     common = [*(o.format(out=out) for o in s["model"]), f"model.num_layers={s['layers']}",
               f"model.ffn_hidden_size={s['ffn']}", f"data.seq_len={s['seq']}", f"data.micro_batch_size={s['batch']}",
               f"data.global_batch_size={s['batch']}", "optim.warmup_steps=20", f"train.max_steps={s['steps']}",
@@ -83,7 +84,8 @@ def run(scale: str, out: Path, log=print) -> dict:
                 + (f", load CV {cv[-1][1]:.3f}" if cv else ""))
     summary = seed_summary(results)
     result = {"scale": scale, "device": device_name(), "settings": s, "variants": results, "final_val_loss": summary,
-              "command": f"python experiments/moe.py --scale {scale}"}
+              "command": f"python experiments/moe.py --scale {scale}"
+              + (f" --steps {steps}" if steps else "") + (f" --variants {' '.join(names)}" if names else "")}
     write(out, "moe", result)
     plot(result, out / "moe.png")
     return result
@@ -114,9 +116,16 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=list(SCALES), default="cpu")
-    parser.add_argument("--out", default=None, help="default experiments/out/moe (_gpu for --scale gpu)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the scale's)")
+    parser.add_argument("--variants", nargs="+", choices=list(variants(1)), default=None,
+                        help="only these variants (default: the scale's)")
+    parser.add_argument("--out", default=None,
+                        help="default experiments/out/moe (_gpu for --scale gpu; _STEPSsteps with --steps)")
     args = parser.parse_args()
-    result = run(args.scale, output_dir(args.out, "moe", args.scale))
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    name = f"moe_{args.steps}steps" if args.steps else "moe"
+    result = run(args.scale, output_dir(args.out, name, args.scale), steps=args.steps, names=args.variants)
     for name, summary in result["final_val_loss"].items():
         print(f"{name:<19} final validation loss {summary['mean']:.4f} (seeds {summary['min']:.4f}-{summary['max']:.4f})")
 
