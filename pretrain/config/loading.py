@@ -114,7 +114,8 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
 
 
 # What other stacks call a key (torchtitan, Megatron-LM, Hugging Face Trainer): the key (or keys) it is here.
-ALIASES: dict[str, str | tuple[str, ...]] = {"learning_rate": "lr", "lr_warmup_steps": "warmup_steps", "warmup": "warmup_steps", "steps": "max_steps",
+ALIASES: dict[str, str | tuple[str, ...]] = {
+           "learning_rate": "lr", "lr_warmup_steps": "warmup_steps", "warmup": "warmup_steps", "steps": "max_steps",
            "train_iters": "max_steps", "training_steps": "max_steps", "num_train_steps": "max_steps",
            "batch_size": ("global_batch_size", "micro_batch_size"), "local_batch_size": "micro_batch_size",
            "seq_length": "seq_len",

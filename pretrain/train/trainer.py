@@ -210,7 +210,8 @@ class Trainer:
                     state = checkpoint.load(path, engine.load_state)
                 except UserError as e:
                     changed = checkpoint.model_differences(path, self.cfg.to_dict()["model"])
-                    if any(d.split(":")[0].removeprefix("model.") in SHAPE_KEYS for d in changed):  # not damage: another model's shapes
+                    shapes = [d for d in changed if d.split(":")[0].removeprefix("model.") in SHAPE_KEYS]
+                    if shapes:  # not damage: another model's shapes
                         raise UserError(
                             f"checkpoint '{path}' holds another model than this config builds ({'; '.join(changed)}). "
                             "Set those keys back to resume the run, or start the new model in another "
