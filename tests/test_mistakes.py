@@ -163,6 +163,8 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("plan with a utilisation above 1", ["plan", "configs/plan/llama3_8b.yaml", "--efficiency", "45"], "(0, 1]"),
         ("plan of a run no layout fits", ["plan", "configs/plan/llama3_405b.yaml", "--gpu", "a100-40gb",
                                           "--micro-batch-sizes", "1"], "no layout of this run fits"),
+        ("plan on more GPUs than a step has sequences for", ["plan", "configs/bench_1b.yaml", "--nodes", "32"],
+         "It would be possible with data.global_batch_size=32 or --nodes 11"),
         ("bench output unwritable", ["bench", "configs/quickstart.yaml", "--out", f"{w}/afile/x.json"], "--out"),
         ("bench without a vocabulary size", ["bench", "configs/quickstart.yaml"], "set model.vocab_size"),
         ("bench of several processes", ["bench", "configs/quickstart.yaml", "model.vocab_size=640",

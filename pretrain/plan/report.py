@@ -15,7 +15,7 @@ from pretrain.errors import UserError
 from pretrain.paths import require_writable_file
 from pretrain.plan import hardware
 from pretrain.plan.memory import GiB, describe
-from pretrain.plan.search import Candidate, evaluate, rank
+from pretrain.plan.search import Candidate, evaluate, rank, why_no_layout
 from pretrain.plan.timing import Cluster
 
 
@@ -100,6 +100,8 @@ def run(args) -> int:
                             "commas, such as 1,2,4.")
     ranked = rank(cfg, cluster, micro, progress=lambda n: print(f"  ... {n} layouts evaluated", file=sys.stderr,
                                                                  flush=True))
+    if not ranked:
+        raise UserError(why_no_layout(cfg, cluster, micro))
     fit = [c for c in ranked if c.fits]
     dev = cluster.device
     usable = (dev.memory_bytes - dev.runtime_bytes) / GiB

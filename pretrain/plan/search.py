@@ -3,7 +3,9 @@ and predicted step time; the ones that fit, ranked by predicted tokens/s (docs/p
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from collections import Counter
 from dataclasses import dataclass
 
 from pretrain.config import ConfigError, RunConfig
@@ -47,8 +49,10 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def layouts(cfg: RunConfig, cluster: Cluster, micro_batches: list[int] | None = None):
-    """Every layout of ``cfg`` on ``cluster`` the trainer would accept (check_layout)."""
+def layouts(cfg: RunConfig, cluster: Cluster, micro_batches: list[int] | None = None,
+            refused: Counter | None = None):
+    """Every layout of ``cfg`` on ``cluster`` the trainer would accept (check_layout); ``refused`` counts the
+    trainer's reasons for the others."""
     m, d = cfg.model, cfg.data
     world, g = cluster.world, cluster.gpus_per_node
     mbs = micro_batches or [b for b in (1, 2, 4, 8, 16) if b <= d.global_batch_size]
@@ -71,9 +75,44 @@ def layouts(cfg: RunConfig, cluster: Cluster, micro_batches: list[int] | None = 
                                       "engine": "native"},
                             train={"activation_checkpointing": ac}, data={"micro_batch_size": mb})
                         check_layout(candidate)
-                    except ConfigError:
+                    except ConfigError as e:
+                        if refused is not None:
+                            refused[str(e)] += 1
                         continue
                     yield candidate
+
+
+def why_no_layout(cfg: RunConfig, cluster: Cluster, micro_batches: list[int] | None = None) -> str:
+    """Why the trainer accepts no layout of ``cfg`` on ``cluster``, and the nearest global batch size and number
+    of nodes that it would accept one of."""
+    refused: Counter = Counter()
+    for _ in layouts(cfg, cluster, micro_batches, refused):
+        pass
+    reason = refused.most_common(1)[0][0] if refused else (
+        f"data.global_batch_size={cfg.data.global_batch_size} cannot be split into whole micro-batches over the "
+        "data-parallel ranks of any layout")
+
+    def possible(c: RunConfig, cl: Cluster) -> bool:
+        return next(layouts(c, cl, micro_batches), None) is not None
+
+    fixes = []
+    for k in range(1, 13):
+        try:
+            bigger = cfg.replace(data={"global_batch_size": cfg.data.global_batch_size * 2**k})
+        except ConfigError:
+            continue
+        if possible(bigger, cluster):
+            fixes.append(f"data.global_batch_size={bigger.data.global_batch_size}")
+            break
+    smaller = [(n, cluster.gpus_per_node) for n in range(cluster.nodes - 1, 0, -1)] + [
+        (1, g) for g in range(cluster.gpus_per_node - 1, 0, -1) if cluster.nodes == 1]
+    for nodes, gpus in smaller:
+        if possible(cfg, dataclasses.replace(cluster, nodes=nodes, gpus_per_node=gpus)):
+            fixes.append(f"--nodes {nodes}" if gpus == cluster.gpus_per_node else f"--gpus-per-node {gpus}")
+            break
+    fix = f" It would be possible with {' or '.join(fixes)}." if fixes else ""
+    return (f"the trainer accepts no layout of this run on {cluster.world} processes ({sum(refused.values())} "
+            f"refused; the most common reason: {reason.rstrip('.')}).{fix}")
 
 
 def evaluate(cfg: RunConfig, cluster: Cluster) -> Candidate:
