@@ -87,6 +87,9 @@ def _tokenizer_train(args) -> int:
         if not cfg.tokenizer.name:
             if args.out:
                 raise UserError("--out is for recipes: a run config's tokenizer is trained at its tokenizer.path.")
+            if Path(cfg.tokenizer.path).exists():  # the runs made with it could no longer resume or be read
+                raise UserError(f"tokenizer.path '{cfg.tokenizer.path}' already holds a tokenizer; point tokenizer.path "
+                                "at a new file to train another, or delete that one to train it again.")
             tok = tokenizers.train_tokenizer(cfg.tokenizer, cfg.data)
             print(f"trained {tok.vocab_size}-piece {cfg.tokenizer.type} tokenizer -> {tok.path}")
             return 0
@@ -283,13 +286,23 @@ def _assemble(args) -> int:
         print(cfg.assembly.modules)
         return 0
     if args.phase == "run":
+        if args.module is not None:
+            raise UserError("--module chooses one incubation; `assemble run` runs all of them. Drop it, or run "
+                            "`pretrain assemble incubate CONFIG --module K`.")
         if args.get or args.world_size is not None:
             raise UserError("--get and --world-size show one phase's config: give meta, incubate or join.")
         phases.run_all(cfg, args.config, args.overrides, parallel=args.parallel)
         return 0
     module = args.module
-    if args.phase == "incubate" and module is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        module = int(os.environ["SLURM_ARRAY_TASK_ID"])  # one incubation per task of a SLURM job array
+    if module is not None and args.phase != "incubate":
+        raise UserError(f"--module chooses the module an incubation trains; `assemble {args.phase}` has none. Drop "
+                        "it, or run `pretrain assemble incubate CONFIG --module K`.")
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if args.phase == "incubate" and module is None and task:  # one incubation per task of a SLURM job array
+        if not task.isdigit():
+            raise UserError(f"SLURM_ARRAY_TASK_ID is {task!r}, not a module number: submit the incubations as an "
+                            f"array numbered 1..K (sbatch --array=1-{cfg.assembly.modules}), or give --module K.")
+        module = int(task)
     phase_cfg = phases.phase_config(cfg, args.phase, module or 0)
     if args.get or args.world_size is not None:
         return _show(phase_cfg, args)
@@ -304,6 +317,11 @@ def _schedule(args) -> int:
 
 
 def _config(args) -> int:
+    if args.config is None and (args.get or args.world_size is not None):
+        raise UserError("--get and --world-size read a run's config: give it first, e.g. `pretrain config "
+                        "configs/quickstart.yaml --get train.run_dir`.")
+    if args.get == "":
+        raise UserError("--get needs a key, e.g. --get train.run_dir (`pretrain config` lists them).")
     if args.config is None:
         for key, default, doc in describe():
             print(f"{key:<32} {default!r:<24} {doc}")

@@ -53,6 +53,7 @@ def world(tmp_path, shared_cache, tiny_cfg):
         builder.add_item(torch.from_numpy(np.random.default_rng(0).integers(0, 70000, 200)))
         builder.end_document()
     builder.finalize(f"{big_ids}.idx")
+    (w / "blank.txt").write_text("\n\n\n")
     (w / "five.txt").write_text("one line of text\nanother line\na third\nthe fourth\nfifth and last\n")
     badstate = w / "badstate"  # a copy of the run whose trainer state is garbage
     shutil.copytree(cfg.train.run_dir, badstate)
@@ -165,6 +166,20 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
                                           "--micro-batch-sizes", "1"], "no layout of this run fits"),
         ("plan on more GPUs than a step has sequences for", ["plan", "configs/bench_1b.yaml", "--nodes", "32"],
          "It would be possible with data.global_batch_size=32 or --nodes 11"),
+        ("text of blank lines only", ["preprocess", "configs/quickstart.yaml", *tiny,
+                                      f"data.sources=[{{path: {w}/blank.txt}}]", f"data.prefix={w}/blank"],
+         "holds no tokens"),
+        ("seed outside the RNGs' range", [*train, "train.seed=-5"], "train.seed"),
+        ("an end-of-run sample too long to wait for", [*train, "train.sample_tokens=100000"], "pretrain.load_model"),
+        ("resume from a run directory, not a checkpoint", [*train, *fresh, f"train.resume={run}"],
+         f"train.resume={run}/checkpoints/step_0000002"),
+        ("train a run's tokenizer over its existing file", ["tokenizer", "train", "configs/quickstart.yaml", *tiny,
+                                                           "tokenizer.name="], "already holds a tokenizer"),
+        ("config --get without a config", ["config", "--get", "train.run_dir"], "give it first"),
+        ("assembly --module for a phase with no module", ["assemble", "meta", "configs/quickstart.yaml", *tiny,
+                                                          "assembly.modules=2", "model.tie_embeddings=false",
+                                                          "--module", "2"],
+         "`assemble meta` has none"),
         ("bench output unwritable", ["bench", "configs/quickstart.yaml", "--out", f"{w}/afile/x.json"], "--out"),
         ("bench without a vocabulary size", ["bench", "configs/quickstart.yaml"], "set model.vocab_size"),
         ("bench of several processes", ["bench", "configs/quickstart.yaml", "model.vocab_size=640",

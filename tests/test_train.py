@@ -253,3 +253,10 @@ def test_sigterm_checkpoints_after_the_current_step_and_the_rerun_continues_exac
     a, b = losses(tmp_path / "pre"), losses(tmp_path / "whole")
     assert sorted(a) == list(range(1, steps + 1))  # no step lost or repeated
     assert [a[s] for s in range(1, steps + 1)] == [b[s] for s in range(1, steps + 1)]
+
+
+def test_a_warmup_longer_than_the_run_is_said(tiny_cfg):
+    said: list[str] = []
+    run_training(tiny_cfg("train.max_steps=2", "optim.warmup_steps=4", "train.eval_interval=0"),
+                 log=lambda *a, **k: said.append(" ".join(map(str, a))))
+    assert any("optim.warmup_steps=4 spans all 2 steps" in line and "peaks at 0.0015" in line for line in said), said

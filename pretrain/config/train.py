@@ -86,6 +86,10 @@ class TrainConfig:
         require_all([("train.eval_interval", self.eval_interval), ("train.stop_at_step", self.stop_at_step),
                      ("train.sample_tokens", self.sample_tokens), ("train.watchdog_factor", self.watchdog_factor),
                      ("train.watchdog_min_s", self.watchdog_min_s)], 0, "0 or more")
+        require(self.sample_tokens <= 1024, "train.sample_tokens", f"{self.sample_tokens} is more than the end-of-run "
+                "sample is for (a glance at the model, at most 1024 tokens: without a KV cache each token reruns the "
+                "context); load the trained model (pretrain.load_model) or export it to generate more.")
+        require(0 <= self.seed < 2**32, "train.seed", f"must lie in [0, 2^32 - 1] (the RNGs' range), got {self.seed}.")
         require(self.resume in ("auto", "never", "overwrite") or bool(self.resume), "train.resume",
                 "use auto, never, overwrite or a checkpoint directory.")
 

@@ -21,6 +21,7 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from rich.progress import Progress, TextColumn, TimeElapsedColumn
 
 from pretrain.data.tokenizer import Tokenizer
+from pretrain.errors import UserError
 
 _worker_tok: Tokenizer | None = None
 
@@ -89,6 +90,11 @@ def preprocess(docs: Iterable[str], tokenizer: Tokenizer, prefix: str | Path, *,
     finally:
         if pool is not None:
             pool.terminate()
+    if n_tokens == 0:  # nothing to train on: say so now, not as an empty-file error when a run maps it
+        Path(f"{tmp}.bin").unlink(missing_ok=True)
+        raise UserError("the configured text holds no tokens (no document with text: empty or blank files, or "
+                        "values of the text field that are not strings); check the files of data.sources and each "
+                        "source's text_field.")
     builder.finalize(f"{tmp}.idx")
     Path(f"{tmp}.bin").replace(f"{prefix}.bin")
     Path(f"{tmp}.idx").replace(f"{prefix}.idx")

@@ -315,8 +315,14 @@ def find_resume(root: Path, resume: str) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not is_complete(path):
+        inside = complete_checkpoints(path / "checkpoints") or complete_checkpoints(path)
+        if inside:  # a run directory, or its checkpoints/ folder
+            raise UserError(f"train.resume='{resume}' is a run directory; give one of its checkpoints, e.g. the "
+                            f"newest: train.resume={inside[-1]} (or train.resume=auto when this run's own "
+                            "train.run_dir is that directory).")
         raise UserError(f"train.resume='{resume}' is not a complete checkpoint directory (step_NNNNNNN holding "
-                        ".metadata and trainer_state.json); use train.resume=auto to take the newest one.")
+                        ".metadata and trainer_state.json); use train.resume=auto to take the newest one of this "
+                        "run's train.run_dir.")
     return path
 
 

@@ -389,6 +389,12 @@ class Trainer:
         self.log(f"model: {num_params(cfg.model) / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token "
                  f"| {cfg.data.tokens_per_step:,} tokens/step | device {self.device} {cfg.train.precision} "
                  f"| peak {self.peak_tflops:.3g} TFLOP/s | steps {st['step']}->{self.last_step} of {self.total_steps}")
+        start, end = stage_bounds(self.run_cfg, self.stage)
+        if st["step"] == start and cfg.optim.warmup_steps >= end - start:  # (said once, as the schedule starts)
+            self.log(f"warning: optim.warmup_steps={cfg.optim.warmup_steps} spans all {end - start} steps of the "
+                     f"schedule, so the learning rate never reaches optim.lr={cfg.optim.lr:g} (it peaks at "
+                     f"{lr_at(end - start, cfg.optim, end - start):.3g}); lower optim.warmup_steps (a few percent of "
+                     "the steps is usual).")
         if self.resumed_from is not None:
             self._restore_callbacks()
         while self.stage < stage_at(self.run_cfg, st["step"]):  # resumed from a small model whose growth is due
