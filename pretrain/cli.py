@@ -160,6 +160,12 @@ def _export(args) -> int:
     def write(out_dir: Path) -> Path:
         return hf.export_checkpoint(args.checkpoint, out_dir, keep_structured=args.keep_structured)
 
+    inside = next((p for p in [Path(args.out).resolve(), *Path(args.out).resolve().parents]
+                   if p.name.startswith("step_") and (p / "trainer_state.json").is_file()), None)
+    if inside is not None:  # retention deletes old checkpoints, and the export with them
+        raise UserError(f"--out '{args.out}' lies inside the checkpoint {inside}, which checkpoint.keep will delete "
+                        "(with the export) as newer ones are written; export next to the run instead, e.g. "
+                        f"{inside.parent.parent / 'hf'}.")
     again = hf.is_export(Path(args.out))  # an earlier export there is replaced; any other files refuse the directory
     if not again:
         hf.require_new_dir(args.out, "export")  # (here, not in export_checkpoint: export_hf rewrites RUN_DIR/hf)

@@ -166,6 +166,8 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
                                           "--micro-batch-sizes", "1"], "no layout of this run fits"),
         ("plan on more GPUs than a step has sequences for", ["plan", "configs/bench_1b.yaml", "--nodes", "32"],
          "It would be possible with data.global_batch_size=32 or --nodes 11"),
+        ("export into a checkpoint that retention deletes", ["export", str(run), f"{run}/checkpoints/step_0000002/hf"],
+         "lies inside the checkpoint"),
         ("text of blank lines only", ["preprocess", "configs/quickstart.yaml", *tiny,
                                       f"data.sources=[{{path: {w}/blank.txt}}]", f"data.prefix={w}/blank"],
          "holds no tokens"),

@@ -260,3 +260,10 @@ def test_a_warmup_longer_than_the_run_is_said(tiny_cfg):
     run_training(tiny_cfg("train.max_steps=2", "optim.warmup_steps=4", "train.eval_interval=0"),
                  log=lambda *a, **k: said.append(" ".join(map(str, a))))
     assert any("optim.warmup_steps=4 spans all 2 steps" in line and "peaks at 0.0015" in line for line in said), said
+
+
+def test_evaluation_without_a_validation_split_is_said(tiny_cfg):
+    said: list[str] = []
+    run_training(tiny_cfg("train.max_steps=2", "data.split=100,0,0", "train.eval_interval=1"),
+                 log=lambda *a, **k: said.append(" ".join(map(str, a))))
+    assert any("no validation split (data.split=100,0,0)" in line for line in said), said

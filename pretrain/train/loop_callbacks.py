@@ -73,6 +73,13 @@ class Evaluator(Callback):
     def __init__(self):
         self.last: float | None = None
 
+    def on_run_start(self, trainer: Trainer) -> None:
+        if trainer.cfg.train.eval_interval and trainer.valid_batches is None:
+            trainer.log(f"warning: train.eval_interval={trainer.cfg.train.eval_interval}, but the data has no "
+                        f"validation split (data.split={trainer.cfg.data.split}), so no "
+                        "val_loss will be logged; give validation a share (e.g. data.split=98,2,0) or set "
+                        "train.eval_interval=0.")
+
     def on_step_end(self, trainer: Trainer, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         interval = trainer.cfg.train.eval_interval
         if (interval and step % interval == 0) or step == trainer.last_step:
