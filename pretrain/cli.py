@@ -216,6 +216,7 @@ def _grow(args) -> int:
     if not (args.source and args.destination):
         raise UserError("pretrain grow needs SRC (a checkpoint or run directory) and DST (a new run directory), or "
                         "--plan.")
+    _check_grow_flags(args)
     _check_grow_numbers(args)
     layers = None
     if args.layers:
@@ -235,6 +236,27 @@ def _grow(args) -> int:
                            carry_optimizer=args.carry_optimizer)
     print(f"continue with: pretrain train {Path(args.destination) / 'config.yaml'}   (resumes from {path.name})")
     return 0
+
+
+def _check_grow_flags(args) -> None:
+    """Every option given belongs to the chosen operator (another operator's option would be ignored)."""
+    from pretrain.growth.operators import DEPTH_OPS
+
+    owner = {"--factor": "depth", "--num-layers": "depth", "--layers": "depth", "--hidden-factor": "width",
+             "--ffn-size": "width", "--experts": "upcycle", "--top-k": "upcycle", "--router": "upcycle"}
+    given = {"--factor": args.factor is not None, "--num-layers": args.num_layers is not None,
+             "--layers": bool(args.layers), "--hidden-factor": args.hidden_factor != 1,
+             "--ffn-size": args.ffn_size is not None, "--experts": args.experts is not None,
+             "--top-k": args.top_k != 2, "--router": args.router != "topk_softmax"}
+    kind = "depth" if args.op in DEPTH_OPS else args.op
+    foreign = [flag for flag, set_ in given.items() if set_ and owner[flag] != kind]
+    if foreign:
+        ops = {"depth": "--op stack, interpolate, zero or random", "width": "--op width", "upcycle": "--op upcycle"}
+        raise UserError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} for "
+                        f"{' / '.join(sorted({ops[owner[f]] for f in foreign}))}, not --op {args.op}, which would "
+                        "ignore it: drop it, or choose that operator.")
+    if args.layers and (args.factor is not None or args.num_layers is not None):
+        raise UserError("--layers gives every target block's source itself; drop --factor / --num-layers.")
 
 
 def _check_grow_numbers(args) -> None:
