@@ -305,6 +305,16 @@ def test_cli_export_then_import_round_trips_our_weights(make_cfg, tmp_path):
         assert torch.equal(back[name], tensor), name
     missing = run_cli("import", str(tmp_path / "nowhere"), str(tmp_path / "x"))
     assert missing.returncode == 2 and "config.json" in missing.stderr and "Traceback" not in missing.stderr
+    # a config.json that claims fewer layers than the weights hold: refused, not a silently truncated model
+    import json
+    import shutil
+
+    shutil.copytree(tmp_path / "hf", tmp_path / "hf_short")
+    config = json.loads((tmp_path / "hf_short" / "config.json").read_text())
+    config["num_hidden_layers"] -= 1
+    (tmp_path / "hf_short" / "config.json").write_text(json.dumps(config))
+    short = run_cli("import", str(tmp_path / "hf_short"), str(tmp_path / "short"))
+    assert short.returncode == 2 and f"config.json says num_hidden_layers={config['num_hidden_layers']}" in short.stderr
 
 
 def test_export_again_replaces_the_earlier_export_and_nothing_else(make_cfg, tmp_path, capsys):

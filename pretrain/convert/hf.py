@@ -233,6 +233,12 @@ def import_checkpoint(hf_dir: str | Path, out_checkpoint: str | Path) -> Path:
 
     hf = AutoConfig.from_pretrained(hf_dir, trust_remote_code=False)
     tensors = _read_safetensors(hf_dir)
+    held = {int(name.split(".")[2]) for name in tensors if name.startswith("model.layers.")
+            and name.split(".")[2].isdigit()}
+    if held and max(held) + 1 > hf.num_hidden_layers:  # the importer reads the config's layers and would drop the rest
+        raise UserError(f"the weights of '{hf_dir}' hold {max(held) + 1} layers, but its config.json says "
+                        f"num_hidden_layers={hf.num_hidden_layers}; import a directory whose config.json was saved "
+                        "with these *.safetensors (save_pretrained writes both).")
     try:
         model_cfg, state = IMPORTERS[hf.model_type](hf, tensors)
     except KeyError as e:
