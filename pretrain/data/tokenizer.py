@@ -343,7 +343,15 @@ def import_tokenizer(source: str | Path, out_dir: str | Path, name: str) -> Toke
     if source.is_dir() and not model_file.is_file():
         raise UserError(f"'{source}' holds no {MODEL_FILE}: pretrain imports sentencepiece models (Llama 2, Mistral, "
                         "Gemma...); a tokenizer given only as tokenizer.json (byte-level BPE such as GPT-2's) is none.")
-    Tokenizer(model_file)  # a sentencepiece model with an eos piece
+    if not model_file.is_file():
+        raise UserError(f"'{source}' does not exist: give a sentencepiece .model file, or a Hugging Face model "
+                        f"directory holding {MODEL_FILE}.")
+    try:
+        spm.SentencePieceProcessor(model_file=str(model_file))
+    except (RuntimeError, OSError) as e:  # (Tokenizer's own message would speak of a run's tokenizer.path)
+        raise UserError(f"'{model_file}' is not a sentencepiece model ({str(e).strip()[:200]}); import the "
+                        f"{MODEL_FILE} of a sentencepiece tokenizer (Llama 2, Mistral, Gemma...).") from None
+    Tokenizer(model_file)  # with an eos piece
     check_exportable(model_file)
     out = Path(out_dir)
     if (out / MODEL_FILE).exists():
