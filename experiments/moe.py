@@ -64,8 +64,10 @@ def load_cv(records: list[dict]) -> list[tuple[int, float]]:
     return out
 
 
-def run(scale: str, out: Path, log=print, steps: int | None = None, names: list[str] | None = None) -> dict:
-    s = {**SCALES[scale], **({"steps": steps} if steps else {}), **({"variants": names} if names else {})}
+def run(scale: str, out: Path, log=print, steps: int | None = None, names: list[str] | None = None,
+        seeds: list[int] | None = None) -> dict:
+    s = {**SCALES[scale], **({"steps": steps} if steps else {}), **({"variants": names} if names else {}),
+         **({"seeds": seeds} if seeds else {})}
     common = [*(o.format(out=out) for o in s["model"]), f"model.num_layers={s['layers']}",
               f"model.ffn_hidden_size={s['ffn']}", f"data.seq_len={s['seq']}", f"data.micro_batch_size={s['batch']}",
               f"data.global_batch_size={s['batch']}", "optim.warmup_steps=20", f"train.max_steps={s['steps']}",
@@ -85,7 +87,8 @@ def run(scale: str, out: Path, log=print, steps: int | None = None, names: list[
     summary = seed_summary(results)
     result = {"scale": scale, "device": device_name(), "settings": s, "variants": results, "final_val_loss": summary,
               "command": f"python experiments/moe.py --scale {scale}"
-              + (f" --steps {steps}" if steps else "") + (f" --variants {' '.join(names)}" if names else "")}
+              + (f" --steps {steps}" if steps else "") + (f" --variants {' '.join(names)}" if names else "")
+              + (f" --seeds {' '.join(map(str, seeds))}" if seeds else "")}
     write(out, "moe", result)
     plot(result, out / "moe.png")
     return result
@@ -119,13 +122,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the scale's)")
     parser.add_argument("--variants", nargs="+", choices=list(variants(1)), default=None,
                         help="only these variants (default: the scale's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="these seeds instead of the scale's")
     parser.add_argument("--out", default=None,
                         help="default experiments/out/moe (_gpu for --scale gpu; _STEPSsteps with --steps)")
     args = parser.parse_args()
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     name = f"moe_{args.steps}steps" if args.steps else "moe"
-    result = run(args.scale, output_dir(args.out, name, args.scale), steps=args.steps, names=args.variants)
+    result = run(args.scale, output_dir(args.out, name, args.scale), steps=args.steps, names=args.variants,
+                 seeds=args.seeds)
     for name, summary in result["final_val_loss"].items():
         print(f"{name:<19} final validation loss {summary['mean']:.4f} (seeds {summary['min']:.4f}-{summary['max']:.4f})")
 
