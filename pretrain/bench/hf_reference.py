@@ -43,6 +43,10 @@ def hf_model(cfg: RunConfig, device: torch.device) -> HFCausalLM:
     from pretrain.convert.llama import decoder_config
 
     m, kind = cfg.model, architecture(cfg.model)
+    if m.ffn.kind != "dense" and m.ffn.dense_blocks < m.num_layers:
+        raise UserError(f"--against hf has no {m.ffn.kind} FFN to compare with: transformers' Llama would run the dense "
+                        "FFN it replaces, other work than ours. Bench it alone (without --against), or compare the "
+                        "dense model (model.ffn.kind=dense).")
     common = dict(decoder_config(cfg), use_cache=False, attention_dropout=0.0)
     if kind == "llama":
         config = transformers.LlamaConfig(intermediate_size=m.ffn_size, attention_bias=False, mlp_bias=False,
