@@ -8,7 +8,7 @@ validation losses, the curves against FLOPs (PNG), and the wall times: end to en
 incubations one after another (as run here) and as if the K of them ran at once on K machines (meta + the slowest
 incubation + join). Runs are cached in OUT/runs, so an interrupted experiment resumes.
 
-    python experiments/assembly.py                  # CPU: 8 x 128 target in 4 modules, 3 seeds, about 30 minutes
+    python experiments/assembly.py                  # CPU: 8 x 128 target in 4 modules, 3 seeds, about 24 minutes
     python experiments/assembly.py --scale gpu      # 24 x 1024 target in 4 modules, 2 seeds
     python experiments/assembly.py --scale toy      # seconds: what the test suite runs
 """

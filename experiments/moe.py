@@ -6,7 +6,7 @@ Reported per variant and seed: the validation curve against training FLOPs (the 
 token visits), the final validation loss, and the load balance over training (coefficient of variation of the
 tokens per expert, averaged over the MoE layers). Runs are cached in OUT/runs, so an interrupted experiment resumes.
 
-    python experiments/moe.py                  # CPU: 4 x 128, 300 steps, 3 seeds, about 25 minutes
+    python experiments/moe.py                  # CPU: 4 x 128, 300 steps, 3 seeds, about 26 minutes
     python experiments/moe.py --scale gpu      # 12 x 512, 2000 steps, 3 seeds
     python experiments/moe.py --scale toy      # seconds: what the test suite runs
     python experiments/moe.py --steps 1200 --variants dense top2 hash   # longer, some variants (out: moe_1200steps)

@@ -6,8 +6,9 @@ gradient norm and the angular distance between its input and output late in trai
 and LNS: deep Pre-LN blocks barely change the residual stream); and the validation loss with each block removed in
 turn (how much the model uses it). Runs are cached in OUT/runs, so an interrupted experiment resumes.
 
-    python experiments/norms.py                  # CPU: 16 x 128, 300 steps, 3 seeds, about 45 minutes
-    python experiments/norms.py --lr 5e-4        # the same at a learning rate Post-LN trains at (out: norms_lr5e-4)
+    python experiments/norms.py                  # CPU: 16 x 128, 200 steps, 3 seeds, about 27 minutes
+    python experiments/norms.py --lr 1e-3        # the same at the Mix-LN paper's learning rate (out: norms_lr0.001)
+    python experiments/norms.py --steps 300      # longer (out: norms_300steps; about 40 minutes)
     python experiments/norms.py --scale gpu      # 24 x 512, 2000 steps, 3 seeds
     python experiments/norms.py --scale toy      # seconds: what the test suite runs
 """
@@ -31,7 +32,7 @@ SCALES = {
             "variants": ["pre_ln", "post_ln", "lns"]},  # (the same code path for every variant: three suffice)
     "cpu": {"model": ["model.hidden_size=128", "model.num_heads=4", "model.num_kv_heads=0", "model.ffn_hidden_size=352",
                       "train.precision=fp32", "data.prefix={out}/cache/corpus"],
-            "layers": 16, "steps": 300, "seq": 128, "batch": 16, "lr": 2e-3, "eval": 25, "seeds": [1234, 1235, 1236],
+            "layers": 16, "steps": 200, "seq": 128, "batch": 16, "lr": 2e-3, "eval": 25, "seeds": [1234, 1235, 1236],
             "held_out": 32},
     "gpu": {"model": ["model.hidden_size=512", "model.num_heads=8", "model.num_kv_heads=0", "model.ffn_hidden_size=1408",
                       "train.precision=bf16", "data.prefix={out}/cache/corpus"],
@@ -92,8 +93,10 @@ def depth_profile(records: list[dict], layers: int) -> dict:
             "angular_distance": [last[f"depth/angular_distance/{i}"] for i in range(layers)]}
 
 
-def run(scale: str, out: Path, log=print, only_seeds: list[int] | None = None, lr: float | None = None) -> dict:
-    s = {**SCALES[scale], **({"seeds": only_seeds} if only_seeds else {}), **({"lr": lr} if lr else {})}
+def run(scale: str, out: Path, log=print, only_seeds: list[int] | None = None, lr: float | None = None,
+        steps: int | None = None) -> dict:
+    s = {**SCALES[scale], **({"seeds": only_seeds} if only_seeds else {}), **({"lr": lr} if lr else {}),
+         **({"steps": steps} if steps else {})}
     common = [*(o.format(out=out) for o in s["model"]), f"model.num_layers={s['layers']}", f"data.seq_len={s['seq']}",
               f"data.micro_batch_size={s['batch']}", f"data.global_batch_size={s['batch']}", f"optim.lr={s['lr']}",
               "optim.warmup_steps=20", f"train.max_steps={s['steps']}", f"train.eval_interval={s['eval']}",
@@ -119,6 +122,7 @@ def run(scale: str, out: Path, log=print, only_seeds: list[int] | None = None, l
     summary = seed_summary(results)
     result = {"scale": scale, "device": device_name(), "settings": s, "variants": results, "final_val_loss": summary,
               "command": f"python experiments/norms.py --scale {scale}" + (f" --lr {lr:g}" if lr else "")
+                         + (f" --steps {steps}" if steps else "")
                          + (f" --seeds {' '.join(map(str, only_seeds))}" if only_seeds else "")}
     write(out, "norms", result)
     plot(result, out / "norms.png")
@@ -153,7 +157,8 @@ def plot(result: dict, path: Path) -> None:
     axes[1, 1].set_yscale("symlog", linthresh=0.01)
     axes[0, 0].legend(fontsize=8)
     s = result["settings"]
-    fig.suptitle(f"norm placements, {s['layers']} blocks, lr {s['lr']}, {len(s['seeds'])} seed(s) ({result['scale']})",
+    fig.suptitle(f"norm placements, {s['layers']} blocks, lr {s['lr']}, {s['steps']} steps, {len(s['seeds'])} seed(s) "
+                 f"({result['scale']})",
                  fontsize=11)
     save_figure(fig, path)
 
@@ -162,14 +167,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=list(SCALES), default="cpu")
     parser.add_argument("--out", default=None,
-                        help="default experiments/out/norms (norms_lrLR with --lr, _gpu for --scale gpu)")
+                        help="default experiments/out/norms (_lrLR with --lr, _STEPSsteps with --steps, _gpu for "
+                             "--scale gpu)")
     parser.add_argument("--seeds", type=int, nargs="*", help="these seeds instead of the scale's")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate instead of the scale's (2e-3)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps instead of the scale's")
     args = parser.parse_args()
     if args.lr is not None and not 0 < args.lr < 1:
         parser.error(f"--lr {args.lr:g}: a peak learning rate between 0 and 1, e.g. --lr 5e-4")
-    name = f"norms_lr{args.lr:g}" if args.lr else "norms"
-    result = run(args.scale, output_dir(args.out, name, args.scale), only_seeds=args.seeds, lr=args.lr)
+    if args.steps is not None and args.steps < 4:
+        parser.error(f"--steps {args.steps}: at least 4 (the depth diagnostics are read every steps/4), e.g. --steps 300")
+    name = "norms" + (f"_lr{args.lr:g}" if args.lr else "") + (f"_{args.steps}steps" if args.steps else "")
+    result = run(args.scale, output_dir(args.out, name, args.scale), only_seeds=args.seeds, lr=args.lr,
+                 steps=args.steps)
     for name, summary in result["final_val_loss"].items():
         print(f"{name:<9} final validation loss {summary['mean']:.4f} (seeds {summary['min']:.4f}-{summary['max']:.4f})")
 

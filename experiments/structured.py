@@ -8,7 +8,7 @@ trainer's FLOP count does not include it, so the curves here add it). Reported p
 validation curve against FLOPs and the final validation loss. Runs are cached in OUT/runs, so an interrupted
 experiment resumes.
 
-    python experiments/structured.py                  # CPU: 4 x 128, dense 300 steps, 3 seeds, about 35 minutes
+    python experiments/structured.py                  # CPU: 4 x 128, dense 300 steps, 3 seeds, about 28 minutes
     python experiments/structured.py --scale gpu      # 12 x 768, dense 2000 steps, 3 seeds
     python experiments/structured.py --scale toy      # seconds: what the test suite runs
 """
