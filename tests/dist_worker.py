@@ -5,9 +5,8 @@ every job of a launch, and each job trains with the real Trainer under one paral
 * watch every compute action of a pipeline schedule (``probe``): its matmul FLOPs by kind (F, B, I, W), whether
   an input-backward action changed any parameter's ``.grad``, and how many checkpointed forwards still hold
   their saved activations after the run;
-* write each rank's end-of-run sample of ``train.sample_prompt`` (``sample``);
-* skip its checkpoints when no test resumes them (``checkpoint: false``: the run's last step is otherwise always
-  saved, a second or so of collectives and writes per job)."""
+* write each rank's end-of-run sample of ``train.sample_prompt`` (``sample``).
+The jobs no test resumes set ``checkpoint.save_final=false``: a second or so of collectives and writes fewer each."""
 
 import gc
 import json
@@ -118,8 +117,6 @@ def main() -> None:
     for job in jobs:
         cfg = load_config(None, job["overrides"])
         trainer = Trainer(cfg, log=lambda *a, **k: None)
-        if not job.get("checkpoint", True):
-            trainer.loop_callbacks.remove(trainer.checkpointer)
         if job.get("grads"):
             trainer.callbacks.append(CaptureGrads(job["grads"], per_rank=job.get("per_rank", False)))
         probe = ActionProbe(trainer) if job.get("probe") else None

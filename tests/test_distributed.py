@@ -81,16 +81,17 @@ def runs(tmp_path_factory, shared_cache):
     jobs: dict[int, list] = {2: [], 4: []}
     for kind, layout in CASES:
         nproc, overrides = LAYOUTS[layout]
-        jobs[nproc].append({"overrides": base + KINDS[kind] + overrides + [f"train.run_dir={tmp}/{kind}_{layout}"],
-                            "grads": str(tmp / f"{kind}_{layout}.pt"), "checkpoint": (kind, layout) in RESUMED})
+        save = [] if (kind, layout) in RESUMED else ["checkpoint.save_final=false"]  # (only resumed ones saved)
+        jobs[nproc].append({"overrides": base + KINDS[kind] + overrides + [f"train.run_dir={tmp}/{kind}_{layout}", *save],
+                            "grads": str(tmp / f"{kind}_{layout}.pt")})
     jobs[2].append({"overrides": base + ["parallel.dp_shard=2", "parallel.param_dtype=bf16",
-                                         f"train.run_dir={tmp}/dense_bf16_params"], "checkpoint": False})
+                                         f"train.run_dir={tmp}/dense_bf16_params", "checkpoint.save_final=false"]})
     for kind in ("dense", "moe"):  # a single-process checkpoint resumed under another layout
         layout = "ep2" if kind == "moe" else "tp2"
         ref_ckpt = tmp / f"ref_{kind}" / "checkpoints" / "step_0000005"
         jobs[2].append({"overrides": base + KINDS[kind] + LAYOUTS[layout][1] + [
-            f"train.run_dir={tmp}/{kind}_from_single", f"train.resume={ref_ckpt}", "train.stop_at_step=0"],
-            "checkpoint": False})
+            f"train.run_dir={tmp}/{kind}_from_single", f"train.resume={ref_ckpt}", "train.stop_at_step=0",
+            "checkpoint.save_final=false"]})
     for nproc, job_list in jobs.items():
         launch(nproc, job_list, tmp)
     for kind, layout in RESUMED:  # a checkpoint of every layout (and of each kind's resharded weights) in one process

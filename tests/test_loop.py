@@ -113,3 +113,26 @@ def test_a_failing_step_reaches_on_error_and_closes_the_run(tiny_cfg):
         raise AssertionError("the error was swallowed")
     assert isinstance(seen.error, RuntimeError)
     assert not (Path(cfg.train.run_dir) / "checkpoints").exists()  # no checkpoint of a failed step
+
+
+def test_save_final_false_keeps_the_interval_and_a_signal_stop(tiny_cfg):
+    """checkpoint.save_final=false: the interval's checkpoints only, not the schedule's end; a stop requested by a
+    signal (the preemption handler's request_stop) is still saved."""
+
+    class StopAt(Callback):
+        def __init__(self, step: int):
+            self.step = step
+
+        def on_step_end(self, trainer, step, loss, grad_norm):
+            if step == self.step:
+                trainer.request_stop()
+
+    common = ["train.max_steps=5", "checkpoint.interval=2", "train.eval_interval=0", "checkpoint.save_final=false"]
+    plain = Trainer(tiny_cfg(*common), log=quiet)
+    plain.fit()
+    assert sorted(p.name for p in plain.ckpt_root.iterdir()) == ["step_0000002", "step_0000004"]
+    assert plain.checkpointer.last.name == "step_0000004"
+    stopped = Trainer(tiny_cfg(*common, "train.resume=never", f"train.run_dir={plain.run_dir}_stopped"), log=quiet)
+    stopped.callbacks.append(StopAt(3))
+    stopped.fit()
+    assert sorted(p.name for p in stopped.ckpt_root.iterdir()) == ["step_0000002", "step_0000003"]

@@ -111,16 +111,16 @@ def runs(tmp_path_factory, shared_cache):
     jobs: dict[int, list] = {2: [], 4: []}
     for kind, layout in CASES:
         nproc, overrides = LAYOUTS[layout]
-        jobs[nproc].append({"overrides": base + KINDS[kind] + overrides + [f"train.run_dir={tmp}/{kind}_{layout}"],
-                            "grads": str(tmp / f"{kind}_{layout}"), "per_rank": True,
-                            "checkpoint": (kind, layout) in RESUMED})
+        save = [] if (kind, layout) in RESUMED else ["checkpoint.save_final=false"]  # (only resumed ones saved)
+        jobs[nproc].append({"overrides": base + KINDS[kind] + overrides + [f"train.run_dir={tmp}/{kind}_{layout}", *save],
+                            "grads": str(tmp / f"{kind}_{layout}"), "per_rank": True})
     for kind, layout in PROBED:
         jobs[2].append({"overrides": base + KINDS[kind] + LAYOUTS[layout][1] + [
-            f"train.run_dir={tmp}/probe_{kind}_{layout}", "train.max_steps=1", "train.stop_at_step=0"],
-            "probe": str(tmp / f"probe_{kind}_{layout}"), "checkpoint": False})
+            f"train.run_dir={tmp}/probe_{kind}_{layout}", "train.max_steps=1", "train.stop_at_step=0",
+            "checkpoint.save_final=false"], "probe": str(tmp / f"probe_{kind}_{layout}")})
     jobs[2].append({"overrides": base + LAYOUTS["zbv"][1] + [
         f"train.run_dir={tmp}/dense_from_single", "train.stop_at_step=0",
-        f"train.resume={tmp}/ref_dense/checkpoints/step_0000003"], "checkpoint": False})
+        f"train.resume={tmp}/ref_dense/checkpoints/step_0000003", "checkpoint.save_final=false"]})
     for layout in SAMPLED:  # the reference's final weights, no step: sampling only
         nproc, overrides = LAYOUTS[layout]
         jobs[nproc].append({"overrides": base + overrides + [

@@ -55,6 +55,8 @@ def check_assembly(cfg: RunConfig) -> None:
                 "is 0 (not assembled), but assembly.phase/module are set; give the module count.")
         return
     require_all([("assembly.modules", a.modules), ("assembly.embedding_module", a.embedding_module)], 1, "at least 1")
+    require(cfg.checkpoint.save_final, "checkpoint.save_final", "must stay true in an assembled run: each phase hands "
+            "its last checkpoint to the next.")
     require_all([("assembly.meta_steps", a.meta_steps), ("assembly.incubation_steps", a.incubation_steps),
                  ("assembly.head_module", a.head_module), ("assembly.module", a.module)], 0, "0 or more")
     require(a.modules <= m.num_layers, "assembly.modules",

@@ -99,6 +99,9 @@ class CheckpointConfig:
     interval: int = option(500, "Steps between checkpoints (the last step is always saved); 0 = only at the end.")
     keep: int = option(3, "Number of newest checkpoints kept; older ones are deleted.")
     export_hf: bool = option(False, "At the end of training, export the last checkpoint to RUN_DIR/hf (Hugging Face format).")
+    save_final: bool = option(True, "Save after the run's last step (the schedule's end, or train.stop_at_step). "
+                              "false: only every checkpoint.interval steps (benchmarks, throwaway runs); a stop by a "
+                              "signal and a growth stage's last step are saved either way.")
     verify: Literal["checksums", "sizes", "none"] = option(
         "checksums", "Before resuming, check the checkpoint's files against the sizes (and SHA-256, read in shares by "
         "the ranks) recorded when it was written; auto resume falls back to an older one when they differ.")
@@ -106,6 +109,8 @@ class CheckpointConfig:
     def check(self) -> None:
         require_all([("checkpoint.keep", self.keep)], 1, "at least 1")
         require_all([("checkpoint.interval", self.interval)], 0, "0 or more")
+        require(self.save_final or not self.export_hf, "checkpoint.export_hf", "exports the run's last checkpoint, "
+                "which checkpoint.save_final=false does not write: set one of them the other way.")
 
 
 @dataclass(frozen=True)

@@ -93,14 +93,16 @@ class Evaluator(Callback):
 
 
 class Checkpointer(Callback):
-    """A checkpoint every ``checkpoint.interval`` steps and after the last step of the run (also a stop)."""
+    """A checkpoint every ``checkpoint.interval`` steps, after a growth stage's last step and after a signal's stop;
+    after the run's last step (the schedule's end, or train.stop_at_step) unless ``checkpoint.save_final`` is false."""
 
     def __init__(self):
         self.last: Path | None = None
 
     def on_step_end(self, trainer: Trainer, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         interval = trainer.cfg.checkpoint.interval
-        if (interval and step % interval == 0) or trainer.is_final_step or trainer.stage_ends:
+        final = trainer.is_final_step and (trainer.cfg.checkpoint.save_final or trainer.stop_requested)
+        if (interval and step % interval == 0) or final or trainer.stage_ends:
             trainer.enter(f"the checkpoint of step {step}")
             path = trainer.save_checkpoint()
             if path is not None:
