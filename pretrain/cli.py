@@ -25,6 +25,10 @@ def _user_config(args):
 
     cfg = load_config(args.config, args.overrides)
     check_placement(cfg.model)
+    if cfg.train.stop_at_step > cfg.total_steps:
+        raise UserError(f"train.stop_at_step={cfg.train.stop_at_step} lies after the run's last step "
+                        f"({cfg.total_steps}: train.max_steps), so it would never stop the run: give a step before "
+                        "it, or 0 (off).")
     return cfg
 
 
@@ -141,8 +145,15 @@ def _tokenizer_stats(args) -> int:
         if not glob.glob(text):
             raise UserError(f"TEXT '{text}' matches no file; give text files (or globs) to measure the tokenizer on.")
     # (a file whose suffix says nothing is read as text)
-    data = DataConfig(sources=[SourceConfig(path=t, type="auto" if suffix_type(t) else "text") for t in args.text])
-    stats = tokenizer_stats(tok, corpus.documents(data))
+    data = DataConfig(sources=[SourceConfig(path=t, type="auto" if suffix_type(t) else "text",
+                                            text_field=args.text_field) for t in args.text])
+    try:
+        stats = tokenizer_stats(tok, corpus.documents(data))
+    except UserError as e:  # (the reader names the run config's key; here it is an option)
+        raise UserError(str(e).replace("set data.sources[].text_field", "give it with --text-field")) from None
+    if not stats["tokens"]:
+        raise UserError(f"{' '.join(args.text)} holds no text (only blank lines or empty records); give text files "
+                        "to measure the tokenizer on.")
     text = f"{len(args.text)} file(s)" if args.text else "the embedded corpus (not held out: pass TEXT files)"
     stats["text"] = list(args.text) or "embedded corpus"
     print(format_stats(stats, text))
@@ -240,21 +251,18 @@ def _grow(args) -> int:
 
 def _check_grow_flags(args) -> None:
     """Every option given belongs to the chosen operator (another operator's option would be ignored)."""
-    from pretrain.growth.operators import DEPTH_OPS
+    from pretrain.config.growth import OPERATOR_OF, GrowthStage, operator_kind
 
-    owner = {"--factor": "depth", "--num-layers": "depth", "--layers": "depth", "--hidden-factor": "width",
-             "--ffn-size": "width", "--experts": "upcycle", "--top-k": "upcycle", "--router": "upcycle"}
-    given = {"--factor": args.factor is not None, "--num-layers": args.num_layers is not None,
-             "--layers": bool(args.layers), "--hidden-factor": args.hidden_factor != 1,
-             "--ffn-size": args.ffn_size is not None, "--experts": args.experts is not None,
-             "--top-k": args.top_k != 2, "--router": args.router != "topk_softmax"}
-    kind = "depth" if args.op in DEPTH_OPS else args.op
-    foreign = [flag for flag, set_ in given.items() if set_ and owner[flag] != kind]
+    owner = {**OPERATOR_OF, "layers": "depth"}
+    defaults = GrowthStage()  # the flags' defaults are the stage keys' (or None: not given)
+    foreign = [key for key, kind in owner.items()
+               if kind != operator_kind(args.op) and getattr(args, key) not in (None, "", getattr(defaults, key, None))]
     if foreign:
         ops = {"depth": "--op stack, interpolate, zero or random", "width": "--op width", "upcycle": "--op upcycle"}
-        raise UserError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} for "
-                        f"{' / '.join(sorted({ops[owner[f]] for f in foreign}))}, not --op {args.op}, which would "
-                        "ignore it: drop it, or choose that operator.")
+        flags = ", ".join("--" + key.replace("_", "-") for key in foreign)
+        raise UserError(f"{flags} {'is' if len(foreign) == 1 else 'are'} for "
+                        f"{' / '.join(sorted({ops[owner[k]] for k in foreign}))}, not --op {args.op}, which would "
+                        f"ignore {'it: drop it' if len(foreign) == 1 else 'them: drop them'}, or choose that operator.")
     if args.layers and (args.factor is not None or args.num_layers is not None):
         raise UserError("--layers gives every target block's source itself; drop --factor / --num-layers.")
 
@@ -376,8 +384,16 @@ def _show(cfg, args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (a missing argument, an unknown option) as one line with exit code 2, like every other
+    error of pretrain, pointing at the verb's --help instead of printing the usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"pretrain: error: {message} (`{self.prog} --help` lists what it takes).\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pretrain", description="LLM pretraining from one YAML run config.")
+    parser = _Parser(prog="pretrain", description="LLM pretraining from one YAML run config.")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     def with_config(p: argparse.ArgumentParser, optional: bool = False) -> argparse.ArgumentParser:
@@ -407,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("tokenizer", help="a name of tokenizers/, a .model file, or a folder holding tokenizer.model")
     stats.add_argument("text", nargs="*", help="text files (a document per line; .jsonl/.parquet read their text "
                        "field) held out from the tokenizer's training; default: the embedded corpus")
+    stats.add_argument("--text-field", default="text", help="the field of .jsonl/.parquet records that holds the text "
+                       "(default text)")
     stats.add_argument("--out", help="also write the measures as JSON to this file")
     stats.set_defaults(fn=_tokenizer_stats)
     export = verbs.add_parser("export", help="write a checkpoint in Hugging Face format (transformers loads it)")
@@ -507,15 +525,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may also follow the options (`pretrain bench CONFIG --against hf train.compile=false`):
     # argparse stops the positional list at the first option, so the rest arrive as unknown arguments.
-    args, rest = parser.parse_known_args(argv)
-    if rest and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in rest):
-        args.overrides += rest
-    elif rest:
-        hint = _dashed_override_hint(rest) if hasattr(args, "overrides") else None
-        if hint:
-            print(f"pretrain: error: {hint}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:  # (argparse exits: 0 after --help, 2 after its one-line error)
+        args, rest = parser.parse_known_args(argv)
+        if rest and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in rest):
+            args.overrides += rest
+        elif rest:
+            hint = _dashed_override_hint(rest) if hasattr(args, "overrides") else None
+            if hint:
+                print(f"pretrain: error: {hint}", file=sys.stderr)
+                return EXIT_USER_ERROR
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     try:
         check_torch_version()
         return args.fn(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import weakref
@@ -35,6 +36,44 @@ def require_writable_file(path: str | Path, what: str) -> Path:
         raise UserError(f"{what} '{path}' is a directory; give the path of a file.")
     require_writable_dir(path.parent if str(path.parent) else Path("."), f"the directory of {what}")
     return path
+
+
+# What a run writes in its directory (pretrain train, import, the experiments' done.json): one of them makes a
+# directory a run's.
+RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "checkpoints", "data_index", "tensorboard", "profile", "hf",
+                         "user_error", "preempted", "done.json"})
+
+
+def require_run_dir(path: str | Path) -> Path:
+    """``train.run_dir``: a new or empty directory, or one a run wrote. A directory of other files is refused: the
+    run would write its config.yaml, metrics and checkpoints among them (and train.resume=overwrite deletes some)."""
+    path = Path(path)
+    if path.is_dir():
+        entries = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+        if entries and not RUN_ENTRIES & set(entries):
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise UserError(f"train.run_dir '{path}' holds other files ({shown}) and no run: a run writes its "
+                            "config.yaml, metrics.jsonl and checkpoints/ there. Give a new or empty directory, e.g. "
+                            f"train.run_dir={path / 'run'}.")
+    return require_writable_dir(path, "train.run_dir")
+
+
+@contextlib.contextmanager
+def new_dir(path: str | Path, what: str):
+    """``require_writable_dir`` for the work of a with-block that fills the directory: when the block fails, the
+    directories this call created are removed again if they are still empty, so a failed command leaves nothing."""
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]  # the deepest first
+    out = require_writable_dir(path, what)
+    try:
+        yield out
+    except BaseException:
+        for made in created:
+            try:
+                made.rmdir()
+            except OSError:  # not empty (or not ours to remove): keep it and what is above it
+                break
+        raise
 
 
 # The run directories this process holds: (st_dev, st_ino) -> its live lock (an entry goes with its lock).

@@ -57,8 +57,9 @@ def parse_costs(text: str) -> dict[str, float]:
         f, i, w = (float(x) for x in text.split(","))
     except ValueError:
         raise UserError(f"--costs {text!r}: give three durations F,I,W such as 1,1,1 or 1,1.2,0.8.") from None
-    if not all(0 < x < math.inf for x in (f, i, w)):  # (NaN fails too)
-        raise UserError(f"--costs {text!r}: durations must be positive finite numbers, such as 1,1,1.")
+    if not all(1e-6 <= x <= 1e6 for x in (f, i, w)):  # (NaN fails too; 1e308 would overflow the timeline's sums)
+        raise UserError(f"--costs {text!r}: durations must lie between 1e-6 and 1e6, such as 1,1,1 or 1,1.2,0.8 (any "
+                        "unit: the bubble depends only on their ratios).")
     return {"F": f, "I": i, "W": w}
 
 

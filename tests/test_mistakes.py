@@ -33,6 +33,9 @@ def world(tmp_path, shared_cache, tiny_cfg):
     (w / "empty.txt").write_text("")
     (w / "latin1.txt").write_bytes("caf\xe9 na\xefve ".encode("latin-1") * 100)
     (w / "data.csv").write_text("a,b\n1,2\n")
+    (w / "empty.jsonl").write_text("")
+    (w / "content.jsonl").write_text('{"content": "text under another field"}\n')
+    (w / "bad.jsonl").write_text('{"text": "a line"}\n{"text": oops}\n')
     (w / "bad.yaml").write_text("train: [max_steps: 3\n")
     (w / "empty.yaml").write_text("\n")
     (w / "list.yaml").write_text("- 1\n- 2\n")
@@ -84,6 +87,9 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("malformed YAML", ["train", f"{w}/bad.yaml"], f'not valid YAML: while parsing a flow sequence\n  in "{w}/bad.yaml"'),
         ("empty config file", ["train", f"{w}/empty.yaml"], "is empty"),
         ("YAML that is not a mapping", ["train", f"{w}/list.yaml"], "mapping of sections"),
+        ("a tokenizer recipe given as the run config", ["train", "tokenizers/pydoc-bpe-8k.yaml"],
+         "`pretrain tokenizer train tokenizers/pydoc-bpe-8k.yaml`"),
+        ("a Hugging Face config given as the run config", ["train", f"{w}/hf_gpt2/config.json"], "`pretrain import"),
         ("duplicate key", ["config", f"{w}/dup.yaml"], "appears twice"),
         ("unknown section", [*train, "trian.max_steps=3"], "Did you mean 'train'"),
         ("unknown key", [*train, "optim.lrr=1e-3"], "Did you mean 'lr'"),
@@ -94,6 +100,7 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("choice not allowed", [*train, "train.precision=fp8"], "allowed: auto, fp32, bf16"),
         ("infinite learning rate", [*train, "optim.lr=.inf"], "finite number"),
         ("absurd learning rate", [*train, "optim.lr=1e6"], "typical values"),
+        ("stop after the last step", [*train, *fresh, "train.stop_at_step=500"], "would never stop the run"),
         ("negative epsilon", [*train, "optim.eps=-1e-8"], "optim.eps"),
         ("NaN init std", [*train, "model.init_std=.nan"], "model.init_std"),
         ("batch not a multiple", [*train, "data.global_batch_size=10"], "multiple of micro_batch_size"),
@@ -126,14 +133,20 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
          "DeepSpeed refuses it"),
         ("source suffix pretrain does not read", [*train, f"data.sources=[{{path: {w}/data.csv}}]"],
          "data.sources[0].type"),
+        ("empty JSON Lines file", [*train, *fresh, f"data.sources=[{{path: {w}/empty.jsonl}}]",
+                                   f"tokenizer.path={w}/t2.model"], "empty.jsonl' is empty"),
+        ("JSON Lines file with a broken line", [*train, *fresh, f"data.sources=[{{path: {w}/bad.jsonl}}]",
+                                                f"tokenizer.path={w}/t2.model"], "line 2 of"),
         ("sources and blend together", [*train, "data.sources=[{path: a.txt}]", "data.blend=[{path: b}]"],
          "not both"),
         ("bad split", [*train, "data.split=90,10"], "three weights"),
+        ("data prefix that names a folder", [*train, "data.prefix=cache/"], "data.prefix=cache/corpus"),
         ("low-rank without rank", [*train, "model.ffn.kind=lowrank"], "model.ffn.rank"),
         ("self-guided on a dense FFN", [*train, "model.ffn.self_guided.enabled=true"], "guides a structured FFN"),
         ("world size differs from the layout", [*train, *fresh, "parallel.dp_shard=2"],
          "1 process(es) were started but the parallel layout needs 2"),
         ("run directory is a file", [*train, f"train.run_dir={w}/afile"], "train.run_dir"),
+        ("run directory full of other files", [*train, f"train.run_dir={w}"], f"train.run_dir={w}/run"),
         ("tokenizer path is a directory", [*train, f"tokenizer.path={w}/tokdir", *fresh], "is a directory"),
         ("tokenizer file is garbage", [*train, f"tokenizer.path={w}/garbage.model", *fresh],
          "is not a sentencepiece model"),
@@ -159,6 +172,7 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("import of a model with its own code", ["import", f"{w}/hf_remote", f"{w}/imp"], "never runs"),
         ("schedule image format", ["schedule", "--out", f"{w}/x.xyz"], "cannot write '.xyz'"),
         ("schedule with one rank", ["schedule", "--pp", "1"], "--pp 1"),
+        ("an option the verb does not have", ["schedule", "--pp", "two"], "`pretrain schedule --help` lists"),
         ("plan with micro-batch sizes that are no numbers", ["plan", "configs/plan/llama3_8b.yaml",
                                                              "--micro-batch-sizes", "a,b"], "positive integers"),
         ("plan with a utilisation above 1", ["plan", "configs/plan/llama3_8b.yaml", "--efficiency", "45"], "(0, 1]"),
@@ -186,6 +200,11 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("train a run's tokenizer over its existing file", ["tokenizer", "train", "configs/quickstart.yaml",
                                                            "tokenizer.name=", *tiny], "already holds a tokenizer"),
         ("config --get without a config", ["config", "--get", "train.run_dir"], "give it first"),
+        ("tokenizer stats of blank text", ["tokenizer", "stats", "pydoc-bpe-8k", f"{w}/blank.txt"], "holds no text"),
+        ("tokenizer stats of records without a text field", ["tokenizer", "stats", "pydoc-bpe-8k",
+                                                             f"{w}/content.jsonl"], "(columns: content); give it with --text-field"),
+        ("tokenizer trained on blank text", ["tokenizer", "train", "pydoc-bpe-8k", f"sources=[{{path: {w}/blank.txt}}]",
+                                             "--out", f"{w}/newtok/sub"], "has no non-empty line"),
         ("assembly --module for a phase with no module", ["assemble", "meta", "configs/quickstart.yaml", *tiny,
                                                           "assembly.modules=2", "model.tie_embeddings=false",
                                                           "--module", "2"],
@@ -256,7 +275,8 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("schedule with no stages per rank", ["schedule", "--schedule", "interleaved_1f1b", "--virtual", "0"],
          "--virtual 0"),
         ("schedule with no microbatches", ["schedule", "--microbatches", "0"], "--microbatches 0"),
-        ("schedule with a NaN cost", ["schedule", "--costs", "1,nan,1"], "positive finite numbers"),
+        ("schedule with a NaN cost", ["schedule", "--costs", "1,nan,1"], "between 1e-6 and 1e6"),
+        ("schedule with a cost that overflows", ["schedule", "--costs", "1e308,1,1"], "only on their ratios"),
         ("schedule too large to replay", ["schedule", "--pp", "10000", "--microbatches", "10000"],
          "give fewer ranks or microbatches"),
         ("plan with no rows", ["plan", "configs/plan/llama3_8b.yaml", "--top", "0"], "--top must be at least 1"),
@@ -292,6 +312,7 @@ def test_every_mistake_exits_2_with_the_fix_and_changes_nothing(world, capsys, m
     after = snapshot(w, run)
     assert {k: v for k, v in after.items() if k in before} == before  # nothing that was there changed
     assert not (w / "PWNED").exists()
+    assert not (w / "newtok").exists()  # a failed `tokenizer train --out` leaves no empty folders behind
 
 
 def test_stray_rank_variable_is_named(monkeypatch, capsys, tiny_overrides):

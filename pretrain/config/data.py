@@ -90,6 +90,9 @@ class DataConfig:
         require(ok, "data.split", f"got {self.split!r}; give three weights train,valid,test such as '98,2,0' (none "
                 "negative, the training weight above 0).")
         check_sources(self.sources, "data.sources")
+        require(bool(self.prefix) and not self.prefix.endswith(("/", "\\")), "data.prefix",
+                f"{self.prefix!r} names a folder; the token files are PREFIX-DIGEST.bin/.idx, so give a folder and a "
+                f"file stem, e.g. data.prefix={self.prefix or 'cache/'}corpus.")
         for i, b in enumerate(self.blend):
             require(bool(b.path), f"data.blend[{i}].path", "is required: an IndexedDataset prefix.")
             require(b.weight > 0, f"data.blend[{i}].weight", f"must be positive, got {b.weight}.")

@@ -32,9 +32,14 @@ class GrowthStage:
                                 "number of processes stays the run's.")
 
 
-# The operator each stage key is for (depth: stack, interpolate, zero, random).
-_OWNER = {"factor": "depth", "num_layers": "depth", "hidden_factor": "width", "ffn_size": "width",
-          "experts": "upcycle", "top_k": "upcycle", "router": "upcycle"}
+# The kind of operator each stage key is for (`pretrain grow` has the same options as flags, and --layers for depth).
+OPERATOR_OF = {"factor": "depth", "num_layers": "depth", "hidden_factor": "width", "ffn_size": "width",
+               "experts": "upcycle", "top_k": "upcycle", "router": "upcycle"}
+
+
+def operator_kind(op: str) -> str:
+    """depth (stack, interpolate, zero, random), width or upcycle."""
+    return op if op in ("width", "upcycle") else "depth"
 
 
 def check_growth(cfg: RunConfig) -> None:
@@ -57,10 +62,9 @@ def check_growth(cfg: RunConfig) -> None:
                 key, "factors and sizes must not be negative (hidden_factor at least 1).")
         require(stage.op != "upcycle" or 1 <= stage.top_k <= stage.experts, f"{key}.top_k",
                 f"must lie in [1, experts={stage.experts}], got {stage.top_k}.")
-        kind = "upcycle" if stage.op == "upcycle" else "width" if stage.op == "width" else "depth"
         defaults = GrowthStage()
-        foreign = [name for name, owner in _OWNER.items()
-                   if owner != kind and getattr(stage, name) != getattr(defaults, name)]
+        foreign = [name for name, owner in OPERATOR_OF.items()
+                   if owner != operator_kind(stage.op) and getattr(stage, name) != getattr(defaults, name)]
         require(not foreign, f"{key}.{foreign[0] if foreign else ''}",
                 f"{', '.join(foreign)} belong to another operator than op={stage.op}, which would ignore them: drop "
                 "them, or choose the operator they are for.")

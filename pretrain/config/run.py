@@ -19,7 +19,7 @@ import yaml
 from pretrain.config import loading
 from pretrain.config.assembly import AssemblyConfig, check_assembly
 from pretrain.config.data import DataConfig, TokenizerConfig
-from pretrain.config.fields import option, section
+from pretrain.config.fields import ConfigError, option, section
 from pretrain.config.growth import GrowthStage, check_growth
 from pretrain.config.model import ModelConfig
 from pretrain.config.parallel import ParallelConfig, check_layout
@@ -88,6 +88,8 @@ ALTERNATIVES = {"tokenizer.name": "tokenizer.path", "tokenizer.path": "tokenizer
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML run config, apply ``section.key=value`` overrides, and validate everything."""
     raw: dict = loading.read_yaml(path) if path is not None else {}
+    if raw and not set(raw) & {f.name for f in dataclasses.fields(RunConfig)}:
+        _refuse_other_kind_of_file(path, raw)
     for item in overrides:
         loading.apply_override(RunConfig, raw, item)
         other = ALTERNATIVES.get(item.partition("=")[0].strip())
@@ -96,6 +98,20 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             if isinstance(raw.get(section), dict):
                 raw[section].pop(key, None)
     return from_dict(raw).validate()
+
+
+def _refuse_other_kind_of_file(path: str | Path, raw: dict) -> None:
+    """A tokenizer recipe or a Hugging Face config.json given where a run config goes: say what it is and which verb
+    takes it (its keys would otherwise be reported as unknown ones)."""
+    from pretrain.config.data import TokenizerRecipe
+
+    if set(raw) <= {f.name for f in dataclasses.fields(TokenizerRecipe)}:
+        raise ConfigError("", f"'{path}' is a tokenizer recipe, not a run config: `pretrain tokenizer train {path}` "
+                              "trains it; a run uses a recipe of tokenizers/ with tokenizer.name=NAME, or a trained "
+                              "model with tokenizer.path=FILE.")
+    if "model_type" in raw or "architectures" in raw:
+        raise ConfigError("", f"'{path}' is a Hugging Face model config, not a run config: `pretrain import HF_DIR "
+                              "OUT` converts that model and writes OUT/config.yaml to train it on.")
 
 
 def from_dict(raw: dict) -> RunConfig:

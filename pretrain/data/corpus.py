@@ -81,6 +81,33 @@ def _check_text_file(path: str) -> None:
                                 "convert it to UTF-8 (e.g. iconv) first.") from None
 
 
+def _json_problem(files: list[str]) -> str | None:
+    """The first empty file or line that is no JSON among ``files`` and the fix (read only after `datasets` failed,
+    whose own messages name neither: an empty file gives a bare StopIteration)."""
+    import json
+
+    for file in files:
+        with open(file, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096).lstrip()
+            if not head:
+                return f"'{file}' is empty; drop it from data.sources (or from the glob)"
+            f.seek(0)
+            if head[0] == "[":  # one JSON document (a list of records), not JSON Lines
+                try:
+                    json.load(f)
+                except ValueError as e:
+                    return f"'{file}' is not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); fix it there"
+                continue
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except ValueError as e:
+                        return (f"line {number} of '{file}' is not a JSON record ({e.msg}, column {e.colno}); JSON Lines "
+                                "hold one object per line: fix that line or drop it")
+    return None
+
+
 def source_documents(src: SourceConfig) -> Iterator[str]:
     """Documents of one source, read through Hugging Face `datasets`."""
     from datasets import disable_progress_bars, load_dataset
@@ -110,6 +137,9 @@ def source_documents(src: SourceConfig) -> Iterator[str]:
         try:
             ds = load_dataset(kind, data_files=files, split=src.split)
         except Exception as e:  # noqa: BLE001
+            where = _json_problem(files) if kind == "json" else None
+            if where:
+                raise UserError(f"could not read data source '{src.path}' as JSON: {where}.") from None
             raise UserError(f"could not read '{src.path}' as {kind}: {type(e).__name__}: {e}") from None
     if src.text_field not in ds.column_names:
         raise UserError(f"data source '{src.path}' has no column '{src.text_field}' (columns: "

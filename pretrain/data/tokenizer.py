@@ -29,7 +29,7 @@ from sentencepiece import sentencepiece_model_pb2
 from pretrain.config import DataConfig, TokenizerConfig
 from pretrain.config.data import TOKENIZER_NAME, TokenizerRecipe
 from pretrain.errors import UserError
-from pretrain.paths import require_writable_dir
+from pretrain.paths import new_dir, require_writable_dir
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 TOKENIZERS_DIR = Path(__file__).resolve().parents[2] / "tokenizers"
@@ -39,7 +39,9 @@ MODEL_FILE, MANIFEST_FILE = "tokenizer.model", "manifest.json"
 class Tokenizer:
     """A loaded sentencepiece model; also what megatron-core's GPTDataset reads (eod, pad, vocab_size)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, not_a_model: str = "tokenizer.path '{path}' is not a sentencepiece model "
+                 "({error}); point it at a .model file, or at a path that does not exist yet to train one there."):
+        """``not_a_model``: the message for a file sentencepiece cannot read, in the terms of whoever gave it."""
         path = Path(path)
         if path.is_dir():
             if not (path / MODEL_FILE).is_file():
@@ -54,8 +56,7 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as e:
-            raise UserError(f"tokenizer.path '{path}' is not a sentencepiece model ({str(e).strip()[:200]}); point it "
-                            "at a .model file, or at a path that does not exist yet to train one there.") from None
+            raise UserError(not_a_model.format(path=path, error=str(e).strip()[:200])) from None
         if self.eos < 0:
             controls = [f"{self.sp.id_to_piece(i)} ({i})" for i in range(self.vocab_size) if self.sp.is_control(i)]
             raise UserError(f"tokenizer '{path}' has no end-of-sequence piece (its eos id is -1), and pretrain ends "
@@ -307,8 +308,8 @@ def train_recipe(recipe: TokenizerRecipe, out_dir: str | Path, name: str, log=pr
     """Train ``recipe`` into ``out_dir`` (tokenizer.model and manifest.json)."""
     from pretrain.data.corpus import documents
 
-    out = require_writable_dir(out_dir, "the tokenizer's folder")
-    model, seen = _train(documents(recipe.data()), recipe, "vocab_size", log)
+    with new_dir(out_dir, "the tokenizer's folder") as out:  # (removed again if the training fails)
+        model, seen = _train(documents(recipe.data()), recipe, "vocab_size", log)
     _write_atomically(out / MODEL_FILE, model)
     tok = Tokenizer(out)
     manifest = {
@@ -346,12 +347,8 @@ def import_tokenizer(source: str | Path, out_dir: str | Path, name: str) -> Toke
     if not model_file.is_file():
         raise UserError(f"'{source}' does not exist: give a sentencepiece .model file, or a Hugging Face model "
                         f"directory holding {MODEL_FILE}.")
-    try:
-        spm.SentencePieceProcessor(model_file=str(model_file))
-    except (RuntimeError, OSError) as e:  # (Tokenizer's own message would speak of a run's tokenizer.path)
-        raise UserError(f"'{model_file}' is not a sentencepiece model ({str(e).strip()[:200]}); import the "
-                        f"{MODEL_FILE} of a sentencepiece tokenizer (Llama 2, Mistral, Gemma...).") from None
-    Tokenizer(model_file)  # with an eos piece
+    Tokenizer(model_file, not_a_model="'{path}' is not a sentencepiece model ({error}); import the " + MODEL_FILE
+              + " of a sentencepiece tokenizer (Llama 2, Mistral, Gemma...).")  # (it must have an eos piece)
     check_exportable(model_file)
     out = Path(out_dir)
     if (out / MODEL_FILE).exists():

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from pretrain.config import RunConfig, load_config
@@ -98,10 +99,11 @@ def run(args) -> int:
         if not micro or min(micro) < 1:
             raise UserError(f"--micro-batch-sizes {args.micro_batch_sizes!r}: give positive integers separated by "
                             "commas, such as 1,2,4.")
+    refused: Counter = Counter()
     ranked = rank(cfg, cluster, micro, progress=lambda n: print(f"  ... {n} layouts evaluated", file=sys.stderr,
-                                                                 flush=True))
+                                                                 flush=True), refused=refused)
     if not ranked:
-        raise UserError(why_no_layout(cfg, cluster, micro))
+        raise UserError(why_no_layout(cfg, cluster, refused, micro))
     fit = [c for c in ranked if c.fits]
     dev = cluster.device
     usable = (dev.memory_bytes - dev.runtime_bytes) / GiB
@@ -127,7 +129,8 @@ def run(args) -> int:
                   f"{describe(smallest.memory.worst)}).") if smallest else ""
         raise UserError(f"no layout of this run fits {cluster.world} x {dev.name} ({usable:.1f} GiB for tensors "
                         f"per rank) among {len(ranked)} tried.{detail} Use more GPUs (--nodes), lower data.seq_len or "
-                        "data.global_batch_size, or a smaller model.")
+                        "data.global_batch_size, or a smaller model."
+                        + (f" Every layout tried, with its memory, is in {args.json}." if args.json else ""))
     print(f"\n{len(fit)} of {len(ranked)} layouts fit; the {min(args.top, len(fit))} fastest:")
     print(HEADER)
     for c in fit[:args.top]:

@@ -82,12 +82,9 @@ def layouts(cfg: RunConfig, cluster: Cluster, micro_batches: list[int] | None = 
                     yield candidate
 
 
-def why_no_layout(cfg: RunConfig, cluster: Cluster, micro_batches: list[int] | None = None) -> str:
-    """Why the trainer accepts no layout of ``cfg`` on ``cluster``, and the nearest global batch size and number
-    of nodes that it would accept one of."""
-    refused: Counter = Counter()
-    for _ in layouts(cfg, cluster, micro_batches, refused):
-        pass
+def why_no_layout(cfg: RunConfig, cluster: Cluster, refused: Counter, micro_batches: list[int] | None = None) -> str:
+    """Why the trainer accepts no layout of ``cfg`` on ``cluster`` (``refused``: what `rank` counted), and the
+    nearest global batch size and number of nodes that it would accept one of."""
     reason = refused.most_common(1)[0][0] if refused else (
         f"data.global_batch_size={cfg.data.global_batch_size} cannot be split into whole micro-batches over the "
         "data-parallel ranks of any layout")
@@ -121,13 +118,15 @@ def evaluate(cfg: RunConfig, cluster: Cluster) -> Candidate:
     return Candidate(cfg, mem, step_time(cfg, cluster), fits)
 
 
-def rank(cfg: RunConfig, cluster: Cluster, micro_batches: list[int] | None = None, progress=None) -> list[Candidate]:
+def rank(cfg: RunConfig, cluster: Cluster, micro_batches: list[int] | None = None, progress=None,
+         refused: Counter | None = None) -> list[Candidate]:
     """Candidates that fit, fastest first (equal to 3 significant digits: the smaller memory first), then those
-    that do not, smallest first. ``progress(n)`` is called every few seconds with the layouts evaluated so far."""
+    that do not, smallest first. ``progress(n)`` is called every few seconds with the layouts evaluated so far;
+    ``refused`` counts the layouts the trainer would refuse, by reason."""
     import time
 
     out, last = [], time.monotonic()
-    for c in layouts(cfg, cluster, micro_batches):
+    for c in layouts(cfg, cluster, micro_batches, refused):
         out.append(evaluate(c, cluster))
         if progress and time.monotonic() - last > 5:
             progress(len(out))

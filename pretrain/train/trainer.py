@@ -38,7 +38,7 @@ from pretrain.growth.stages import (
 )
 from pretrain.models.transformer import num_params
 from pretrain.parallel import mesh
-from pretrain.paths import RunDirLock, require_writable_dir
+from pretrain.paths import RunDirLock, require_run_dir
 from pretrain.torch_compat import check_torch_version
 from pretrain.train import checkpoint, faults
 from pretrain.train.callbacks import Callback, method_callbacks
@@ -82,7 +82,7 @@ class Trainer:
                             "runs (assembly.modules): run them with `pretrain assemble run CONFIG` (or one phase at a "
                             "time: `pretrain assemble meta|incubate|join CONFIG`), or set assembly.modules=0 to train "
                             "the model end to end.")
-        self.run_dir = require_writable_dir(cfg.train.run_dir, "train.run_dir")
+        self.run_dir = require_run_dir(cfg.train.run_dir)
         self.run_lock = RunDirLock(self.run_dir) if self.rank == 0 else None  # before anything reads or deletes there
         self.ckpt_root = self.run_dir / "checkpoints"
         torch.manual_seed(cfg.train.seed)
