@@ -9,6 +9,8 @@ validation curve against FLOPs and the final validation loss. Runs are cached in
 experiment resumes.
 
     python experiments/structured.py                  # CPU: 4 x 128, dense 300 steps, 3 seeds, about 28 minutes
+    python experiments/structured.py --self-guided-all   # also every structured FFN self-guided: 15 runs more,
+                                                         # about 17 minutes (out: structured_self_guided.json)
     python experiments/structured.py --scale gpu      # 12 x 768, dense 2000 steps, 3 seeds
     python experiments/structured.py --scale toy      # seconds: what the test suite runs
 """
@@ -32,12 +34,16 @@ SCALES = {
     "cpu": {"model": ["model.num_heads=4", "model.num_kv_heads=0", "train.precision=fp32",
                       "data.prefix={out}/cache/corpus"],
             "d": 128, "f": 384, "layers": 4, "steps": 300, "seq": 128, "batch": 16, "eval": 25,
-            "seeds": [1234, 1235, 1236]},
+            "seeds": [1234, 1235, 1236]},  # (variants: DEFAULT)
     "gpu": {"model": ["model.num_heads=12", "model.num_kv_heads=0", "train.precision=bf16",
                       "data.prefix={out}/cache/corpus"],
             "d": 768, "f": 2304, "layers": 12, "steps": 2000, "seq": 512, "batch": 32, "eval": 100,
             "seeds": [1234, 1235, 1236]},
 }
+# Every structured kind at both sizes, and the 32% low-rank layer self-guided in both modes; --self-guided-all adds
+# every other structured FFN self-guided (fixed mode).
+DEFAULT = ["dense", "lowrank_63", "blockdense_63", "blockshuffle_63", "lowrank_32", "blockdense_32", "blockshuffle_32",
+           "lowrank_32_sgt", "lowrank_32_sgt_same_flops"]
 COLORS = {"dense": "black", "lowrank_63": "tab:blue", "blockdense_63": "tab:green", "blockshuffle_63": "tab:orange",
           "lowrank_32": "tab:cyan", "blockdense_32": "tab:olive", "blockshuffle_32": "tab:red",
           "lowrank_32_sgt": "tab:purple", "lowrank_32_sgt_same_flops": "tab:pink"}
@@ -59,9 +65,10 @@ def variants(d: int, f: int) -> dict[str, list[str]]:
         out[f"blockdense_{tag}"] = [*structured, "model.ffn.kind=blockdense", "model.ffn.blocks=2",
                                     f"model.ffn.rank={blockdense(share)}"]
         out[f"blockshuffle_{tag}"] = [*structured, "model.ffn.kind=blockshuffle", f"model.ffn.blocks={blocks}"]
-    guided = [*out["lowrank_32"], "model.ffn.self_guided.enabled=true", "model.ffn.self_guided.ratio=0.4"]
-    out["lowrank_32_sgt"] = guided
-    out["lowrank_32_sgt_same_flops"] = [*guided, "model.ffn.self_guided.mode=same_flops"]
+    guide = ["model.ffn.self_guided.enabled=true", "model.ffn.self_guided.ratio=0.4"]
+    for name in [n for n in out if n != "dense"]:
+        out[f"{name}_sgt"] = [*out[name], *guide]
+    out["lowrank_32_sgt_same_flops"] = [*out["lowrank_32_sgt"], "model.ffn.self_guided.mode=same_flops"]
     return out
 
 
@@ -83,7 +90,7 @@ def costs(common: list[str], overrides: list[str], out: Path) -> tuple[float, fl
     return flops_per_token(m, cfg.data.seq_len), guide, ffn / dense_ffn
 
 
-def run(scale: str, out: Path, log=print) -> dict:
+def run(scale: str, out: Path, log=print, self_guided_all: bool = False) -> dict:
     s = SCALES[scale]
     common = [*(o.format(out=out) for o in s["model"]), f"model.hidden_size={s['d']}", f"model.num_layers={s['layers']}",
               f"model.ffn_hidden_size={s['f']}", f"data.seq_len={s['seq']}", f"data.micro_batch_size={s['batch']}",
@@ -95,7 +102,7 @@ def run(scale: str, out: Path, log=print) -> dict:
     results: dict = {}
     shares: dict = {}
     for seed in s["seeds"]:
-        for name in s.get("variants", table):
+        for name in table if self_guided_all else s.get("variants", DEFAULT):
             if dense_fpt is None:  # the dense run sets the budget: s["steps"] steps of the dense model
                 dense_fpt = costs(common, table["dense"], out)[0]
             fpt, guide, share = costs(common, table[name], out)
@@ -119,9 +126,11 @@ def run(scale: str, out: Path, log=print) -> dict:
             log(f"  {name} seed {seed}: {steps} steps, final val loss {curve[-1][1]:.4f}")
     summary = {name: {**v, "ffn_param_share": shares[name]} for name, v in seed_summary(results).items()}
     result = {"scale": scale, "device": device_name(), "settings": s, "variants": results, "final_val_loss": summary,
-              "command": f"python experiments/structured.py --scale {scale}"}
-    write(out, "structured", result)
-    plot(result, out / "structured.png")
+              "command": f"python experiments/structured.py --scale {scale}"
+                         + (" --self-guided-all" if self_guided_all else "")}
+    name = "structured_self_guided" if self_guided_all else "structured"
+    write(out, name, result)
+    plot(result, out / f"{name}.png")
     return result
 
 
@@ -134,8 +143,10 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, seeds in result["variants"].items():
         for i, r in enumerate(seeds.values()):
-            ax.plot([c[0] for c in r["curve"]], [c[1] for c in r["curve"]], color=COLORS[name],
-                    label=name if i == 0 else None, lw=1, ls="--" if name.endswith("_32") else "-")
+            base = name.removesuffix("_same_flops").removesuffix("_sgt")
+            style = ":" if name.endswith("_sgt") else "-." if name.endswith("_same_flops") else "--" if "_32" in name else "-"
+            ax.plot([c[0] for c in r["curve"]], [c[1] for c in r["curve"]], color=COLORS.get(name, COLORS[base]),
+                    label=name if i == 0 else None, lw=1, ls=style)
     ax.set(title=f"structured FFNs at equal training FLOPs ({result['scale']}, {len(result['settings']['seeds'])} "
                  "seed(s))", xlabel="training FLOPs", ylabel="validation loss")
     ax.legend(fontsize=7)
@@ -146,8 +157,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=list(SCALES), default="cpu")
     parser.add_argument("--out", default=None, help="default experiments/out/structured (_gpu for --scale gpu)")
+    parser.add_argument("--self-guided-all", action="store_true",
+                        help="also train every structured FFN with self-guided training (the default: the 32%% "
+                             "low-rank one); writes structured_self_guided.json and .png beside the default's")
     args = parser.parse_args()
-    result = run(args.scale, output_dir(args.out, "structured", args.scale))
+    result = run(args.scale, output_dir(args.out, "structured", args.scale), self_guided_all=args.self_guided_all)
     for name, summary in result["final_val_loss"].items():
         print(f"{name:<26} FFN params {summary['ffn_param_share']:.0%}  final validation loss {summary['mean']:.4f} "
               f"(seeds {summary['min']:.4f}-{summary['max']:.4f})")
