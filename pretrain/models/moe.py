@@ -213,10 +213,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def grouped_mm_works(device_type: str, dtype: torch.dtype, in_features: int, out_features: int) -> bool:
     """Whether the grouped GEMM runs forward and backward here: support differs by torch version, device, dtype
     and (on CUDA) alignment of the widths, so try it once on a tiny problem of these widths."""
-    try:
+    gen = torch.Generator(device_type).manual_seed(0)  # never the global RNG: the probe runs once a process, so
+    try:  # drawing from it would make a run's later draws (noisy top-k) depend on what ran before in the process
         with torch.inference_mode(False), torch.enable_grad():
-            x = torch.randn(3, in_features, device=device_type, dtype=dtype, requires_grad=True)
-            w = torch.randn(2, out_features, in_features, device=device_type, dtype=dtype, requires_grad=True)
+            x = torch.randn(3, in_features, device=device_type, dtype=dtype, generator=gen, requires_grad=True)
+            w = torch.randn(2, out_features, in_features, device=device_type, dtype=dtype, generator=gen,
+                            requires_grad=True)
             offs = torch.tensor([1, 3], device=device_type, dtype=torch.int32)
             y = torch_compat.grouped_mm(x, w.transpose(-2, -1), offs=offs)
             y.backward(torch.ones_like(y))
