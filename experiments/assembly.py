@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -95,8 +96,11 @@ def run(scale: str, out: Path, meta_share: float, incubation_share: float, log=p
     seeds = {}
     for seed in s["seeds"]:
         e2e_dir = out / "runs" / f"end_to_end_{seed}"
+        # A process of its own, as `assemble run` starts for each phase, so that the wall times compare (unless
+        # PRETRAIN_EXPERIMENTS_IN_PROCESS=1 asks otherwise: the test suite's toy size).
         e2e = validation(train(e2e_dir, [*common, f"train.seed={seed}", f"train.max_steps={s['steps']}"],
-                               config=CONFIG, log=log))
+                               config=CONFIG, log=log,
+                               in_process=os.environ.get("PRETRAIN_EXPERIMENTS_IN_PROCESS") == "1"))
         join, times = assemble(out / "runs" / f"assembled_{seed}", [*common, *assembly, f"train.seed={seed}"], log=log)
         joined = validation(join)
         per = times["per_phase_s"]

@@ -18,22 +18,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def train(run_dir: Path, overrides: list[str], config: str = "configs/quickstart.yaml", log=print) -> list[dict]:
+def train(run_dir: Path, overrides: list[str], config: str = "configs/quickstart.yaml", log=print,
+          in_process: bool | None = None) -> list[dict]:
     """Train ``config`` with ``overrides`` into ``run_dir`` unless a finished run is there; returns its metrics."""
-    run_pretrain(run_dir, ["train", config, *overrides, f"train.run_dir={run_dir}", "logging.tensorboard=false"], log)
+    run_pretrain(run_dir, ["train", config, *overrides, f"train.run_dir={run_dir}", "logging.tensorboard=false"], log,
+                 in_process)
     return metrics(run_dir)
 
 
-def run_pretrain(run_dir: Path, argv: list[str], log=print) -> float:
-    """`pretrain ARGV` for the run in ``run_dir`` unless it finished before (RUN_DIR/done.json); its wall seconds."""
+def run_pretrain(run_dir: Path, argv: list[str], log=print, in_process: bool | None = None) -> float:
+    """`pretrain ARGV` for the run in ``run_dir`` unless it finished before (RUN_DIR/done.json); its wall seconds.
+    ``in_process=False``: in a process of its own whatever the environment says (a run whose wall time is compared
+    with one that starts processes)."""
     done = run_dir / "done.json"
+    if in_process is None:
+        in_process = os.environ.get("PRETRAIN_EXPERIMENTS_IN_PROCESS", "1") != "0"
     if not done.is_file():
         t0 = time.perf_counter()
         log(f"  {argv[0]} {run_dir.name} ...")
-        if os.environ.get("PRETRAIN_EXPERIMENTS_IN_PROCESS", "1") != "0":
+        if in_process:
+            import contextlib
+
             from pretrain.cli import main
 
-            code = main(list(argv))
+            with contextlib.chdir(REPO):  # (the commands name files relative to the repository)
+                code = main(list(argv))
             if code != 0:
                 raise RuntimeError(f"run {run_dir} failed with exit code {code} (its messages are above)")
         else:

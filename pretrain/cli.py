@@ -21,11 +21,16 @@ USER_ERROR_MARKER = "user_error"  # RUN_DIR/user_error: the message of a run tha
 
 def _user_config(args):
     """The run config a user gives to a verb that trains or measures it, with the checks of what it asks for."""
+    return _check_user_config(load_config(args.config, args.overrides))
+
+
+def _check_user_config(cfg):
+    """What the config a user wrote asks for, beyond its keys' own checks; not checked on the configs derived from it
+    (an assembly's meta model has one block per module, its phases their own step counts)."""
     from pretrain.config.model import check_placement
 
-    cfg = load_config(args.config, args.overrides)
     check_placement(cfg.model)
-    if cfg.train.stop_at_step > cfg.total_steps:
+    if cfg.train.stop_at_step > cfg.total_steps and not cfg.assembly.modules:
         raise UserError(f"train.stop_at_step={cfg.train.stop_at_step} lies after the run's last step "
                         f"({cfg.total_steps}: train.max_steps), so it would never stop the run: give a step before "
                         "it, or 0 (off).")
@@ -38,6 +43,7 @@ def _train(args) -> int:
 
 def _run(cfg) -> int:
     """Train ``cfg``: exit 0, or 75 when stopped by a signal with a checkpoint (preempted)."""
+    from pretrain.paths import ForeignRunDir
     from pretrain.train.preemption import EXIT_PREEMPTED
     from pretrain.train.trainer import run_training
 
@@ -47,8 +53,9 @@ def _run(cfg) -> int:
     try:
         result = run_training(cfg)
     except UserError as e:
-        # The launch scripts read the marker: torchrun itself reports any failed worker with exit code 1.
-        if int(os.environ.get("RANK", "0")) == 0 and marker.parent.is_dir():
+        # The launch scripts read the marker: torchrun itself reports any failed worker with exit code 1. (Not in a
+        # directory that is not a run's: nothing may be written there.)
+        if int(os.environ.get("RANK", "0")) == 0 and marker.parent.is_dir() and not isinstance(e, ForeignRunDir):
             with contextlib.suppress(OSError):
                 marker.write_text(f"{e}\n")
         raise
@@ -254,9 +261,8 @@ def _check_grow_flags(args) -> None:
     from pretrain.config.growth import OPERATOR_OF, GrowthStage, operator_kind
 
     owner = {**OPERATOR_OF, "layers": "depth"}
-    defaults = GrowthStage()  # the flags' defaults are the stage keys' (or None: not given)
     foreign = [key for key, kind in owner.items()
-               if kind != operator_kind(args.op) and getattr(args, key) not in (None, "", getattr(defaults, key, None))]
+               if kind != operator_kind(args.op) and getattr(args, key) not in (None, "")]  # (None: not given)
     if foreign:
         ops = {"depth": "--op stack, interpolate, zero or random", "width": "--op width", "upcycle": "--op upcycle"}
         flags = ", ".join("--" + key.replace("_", "-") for key in foreign)
@@ -265,6 +271,10 @@ def _check_grow_flags(args) -> None:
                         f"ignore {'it: drop it' if len(foreign) == 1 else 'them: drop them'}, or choose that operator.")
     if args.layers and (args.factor is not None or args.num_layers is not None):
         raise UserError("--layers gives every target block's source itself; drop --factor / --num-layers.")
+    defaults = GrowthStage()  # what a flag not given stands for: the stage key's default
+    for key in ("hidden_factor", "top_k", "router"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(defaults, key))
 
 
 def _check_grow_numbers(args) -> None:
@@ -366,7 +376,14 @@ def _config(args) -> int:
 
 
 def _show(cfg, args) -> int:
-    """Print the config, or one key of it (``--get``), after checking its layout against ``--world-size``."""
+    """Print the config, or one key of it (``--get``), after checking its layout against ``--world-size`` (the
+    launch scripts' check before they start processes: with the checks `pretrain train` makes at its start)."""
+    if args.world_size is not None:
+        from pretrain.paths import require_run_dir
+
+        _check_user_config(cfg)
+        if not cfg.assembly.modules:
+            require_run_dir(cfg.train.run_dir, (cfg.tokenizer.path, cfg.data.prefix))
     if args.world_size is not None and args.world_size != cfg.parallel.world_size:
         p = cfg.parallel
         raise ConfigError("parallel", f"{args.world_size} process(es) would start, but the layout needs "
@@ -457,11 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--factor", type=int, help="depth operators: times the source's blocks (default 4)")
     grow.add_argument("--num-layers", type=int, help="depth operators: the target's blocks (instead of --factor)")
     grow.add_argument("--layers", help="depth: the source block of each target block, or 'new', e.g. 0,1,new,2")
-    grow.add_argument("--hidden-factor", type=int, default=1, help="width: hidden size and heads times this")
+    grow.add_argument("--hidden-factor", type=int, help="width: hidden size and heads times this (default 1)")
     grow.add_argument("--ffn-size", type=int, help="width: the FFN's new inner width")
     grow.add_argument("--experts", type=int, help="upcycle: experts per MoE layer")
-    grow.add_argument("--top-k", type=int, default=2, help="upcycle: experts per token (default 2)")
-    grow.add_argument("--router", choices=["topk_softmax", "noisy_topk", "hash"], default="topk_softmax",
+    grow.add_argument("--top-k", type=int, help="upcycle: experts per token (default 2)")
+    grow.add_argument("--router", choices=["topk_softmax", "noisy_topk", "hash"],
                       help="upcycle: router (default topk_softmax)")
     grow.add_argument("--config", help="the grown run's config (layout, steps, LR...); default: the source's")
     grow.add_argument("--carry-optimizer", action="store_true",

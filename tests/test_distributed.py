@@ -59,6 +59,7 @@ RESUMED = {("dense", layout) for layout in PLAN["dense"]} | {
     ("blockdense", "tp2_sp"), ("blockshuffle", "tp2_sp")}
 STEPS = ["train.max_steps=6", "train.stop_at_step=5", "checkpoint.interval=5", "train.eval_interval=0",
          "train.log_interval=1", "optim.warmup_steps=1"]
+NO_CHECKPOINT = ["checkpoint.interval=0", "checkpoint.save_final=false"]  # the jobs no test resumes
 
 
 def launch(nproc: int, jobs: list[dict], tmp: Path) -> None:
@@ -81,17 +82,17 @@ def runs(tmp_path_factory, shared_cache):
     jobs: dict[int, list] = {2: [], 4: []}
     for kind, layout in CASES:
         nproc, overrides = LAYOUTS[layout]
-        save = [] if (kind, layout) in RESUMED else ["checkpoint.save_final=false"]  # (only resumed ones saved)
+        save = [] if (kind, layout) in RESUMED else NO_CHECKPOINT  # (only the resumed ones are saved)
         jobs[nproc].append({"overrides": base + KINDS[kind] + overrides + [f"train.run_dir={tmp}/{kind}_{layout}", *save],
                             "grads": str(tmp / f"{kind}_{layout}.pt")})
     jobs[2].append({"overrides": base + ["parallel.dp_shard=2", "parallel.param_dtype=bf16",
-                                         f"train.run_dir={tmp}/dense_bf16_params", "checkpoint.save_final=false"]})
+                                         f"train.run_dir={tmp}/dense_bf16_params", *NO_CHECKPOINT]})
     for kind in ("dense", "moe"):  # a single-process checkpoint resumed under another layout
         layout = "ep2" if kind == "moe" else "tp2"
         ref_ckpt = tmp / f"ref_{kind}" / "checkpoints" / "step_0000005"
         jobs[2].append({"overrides": base + KINDS[kind] + LAYOUTS[layout][1] + [
             f"train.run_dir={tmp}/{kind}_from_single", f"train.resume={ref_ckpt}", "train.stop_at_step=0",
-            "checkpoint.save_final=false"]})
+            *NO_CHECKPOINT]})
     for nproc, job_list in jobs.items():
         launch(nproc, job_list, tmp)
     for kind, layout in RESUMED:  # a checkpoint of every layout (and of each kind's resharded weights) in one process

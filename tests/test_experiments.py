@@ -97,19 +97,17 @@ def test_structured_experiment_runs_at_toy_size(out):
 
 
 def test_pipeline_benchmark_runs_at_toy_size(tmp_path):
-    """The 2BP / 1F1B row of docs/results.md: two measured pp=2 launches and the pp 4 / 8 simulation from their
-    F, I, W times (the numbers of a toy model mean nothing; the path to them must not rot)."""
+    """The 2BP row of docs/results.md: a measured pp=2 launch and the pp 4 / 8 simulation from its F, I, W times
+    (the numbers of a toy model mean nothing; the path to them must not rot)."""
     out = tmp_path / "pipeline.json"
-    result = subprocess.run([sys.executable, "benchmarks/bench_pipeline.py", "--model", "toy", "--schedules", "1f1b",
+    result = subprocess.run([sys.executable, "benchmarks/bench_pipeline.py", "--model", "toy", "--schedules",
                              "1f1b_2bp", "--microbatches", "4", "--repeats", "1", "--steps", "3", "--warmup", "1",
                              "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(out.read_text())["runs"]["1f1b_2bp_m4"]
+    assert 0 <= row["bubble_measured"] < 1 and 0 < row["bubble_theory"] < 1 and row["step_time_s"] > 0
+    assert row["i_ms"] > 0 and row["w_ms"] > 0
     data = json.loads(out.read_text())
-    for key in ("1f1b_m4", "1f1b_2bp_m4"):
-        row = data["runs"][key]
-        assert 0 <= row["bubble_measured"] < 1 and 0 < row["bubble_theory"] < 1 and row["step_time_s"] > 0
-    assert data["runs"]["1f1b_2bp_m4"]["i_ms"] > 0 and data["runs"]["1f1b_2bp_m4"]["w_ms"] > 0
-    assert data["speedup"]["1f1b_2bp_over_1f1b_m4"] > 0
     assert {(r["pp"], r["schedule"]) for r in data["deeper"]} == {
         (pp, s) for pp in (4, 8) for s in ("1f1b", "1f1b_2bp", "interleaved_1f1b", "zbv")}
     assert all(0 <= r["bubble"] < 1 for r in data["deeper"])

@@ -128,11 +128,18 @@ def test_save_final_false_keeps_the_interval_and_a_signal_stop(tiny_cfg):
                 trainer.request_stop()
 
     common = ["train.max_steps=5", "checkpoint.interval=2", "train.eval_interval=0", "checkpoint.save_final=false"]
-    plain = Trainer(tiny_cfg(*common), log=quiet)
+    said: list[str] = []
+    plain = Trainer(tiny_cfg(*common), log=lambda *a, **k: said.append(" ".join(map(str, a))))
     plain.fit()
+    assert not [line for line in said if "writes no checkpoint" in line]  # (the interval saves steps 2 and 4)
     assert sorted(p.name for p in plain.ckpt_root.iterdir()) == ["step_0000002", "step_0000004"]
     assert plain.checkpointer.last.name == "step_0000004"
     stopped = Trainer(tiny_cfg(*common, "train.resume=never", f"train.run_dir={plain.run_dir}_stopped"), log=quiet)
     stopped.callbacks.append(StopAt(3))
     stopped.fit()
     assert sorted(p.name for p in stopped.ckpt_root.iterdir()) == ["step_0000002", "step_0000003"]
+    nothing = Trainer(tiny_cfg(*common, "checkpoint.interval=0", f"train.run_dir={plain.run_dir}_none"),
+                      log=lambda *a, **k: said.append(" ".join(map(str, a))))
+    nothing.fit()
+    assert not nothing.ckpt_root.exists() or not list(nothing.ckpt_root.iterdir())
+    assert [line for line in said if "this run writes no checkpoint" in line]

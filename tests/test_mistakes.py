@@ -147,6 +147,12 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
          "1 process(es) were started but the parallel layout needs 2"),
         ("run directory is a file", [*train, f"train.run_dir={w}/afile"], "train.run_dir"),
         ("run directory full of other files", [*train, f"train.run_dir={w}"], f"train.run_dir={w}/run"),
+        ("the launchers' check of a run directory full of other files", ["config", "configs/quickstart.yaml", *tiny,
+                                                                        f"train.run_dir={w}", "--world-size", "1"],
+         "holds other files"),
+        ("the launchers' check of a stop after the last step", ["config", "configs/quickstart.yaml", *tiny,
+                                                               "train.stop_at_step=500", "--world-size", "1"],
+         "would never stop the run"),
         ("tokenizer path is a directory", [*train, f"tokenizer.path={w}/tokdir", *fresh], "is a directory"),
         ("tokenizer file is garbage", [*train, f"tokenizer.path={w}/garbage.model", *fresh],
          "is not a sentencepiece model"),
@@ -258,6 +264,8 @@ def cases(cfg, w: Path, run: Path) -> list[tuple[str, list[str], str]]:
          "--top-k must be between 1 and --experts (1)"),
         ("upcycling with top-k 0", ["grow", str(run), f"{w}/g", "--op", "upcycle", "--experts", "4", "--top-k", "0"],
          "--top-k must be between 1 and --experts (4)"),
+        ("another operator's option given 0", ["grow", str(run), f"{w}/g", "--op", "stack", "--experts", "0"],
+         "--experts is for --op upcycle"),
         ("another operator's option for growth", ["grow", str(run), f"{w}/g", "--op", "stack", "--experts", "4"],
          "--experts is for --op upcycle, not --op stack"),
         ("a layer map with a factor", ["grow", str(run), f"{w}/g", "--layers", "0,1,0,1", "--factor", "3"],
@@ -313,6 +321,7 @@ def test_every_mistake_exits_2_with_the_fix_and_changes_nothing(world, capsys, m
     assert {k: v for k, v in after.items() if k in before} == before  # nothing that was there changed
     assert not (w / "PWNED").exists()
     assert not (w / "newtok").exists()  # a failed `tokenizer train --out` leaves no empty folders behind
+    assert not (w / "user_error").exists()  # a refused run directory gets no marker either (it would pass next time)
 
 
 def test_stray_rank_variable_is_named(monkeypatch, capsys, tiny_overrides):

@@ -72,6 +72,7 @@ PROBED = [("dense", "1f1b"), ("dense", "1f1b_2bp"), ("moe", "1f1b"), ("moe", "1f
 SIZE = ["model.num_layers=4", "data.micro_batch_size=2"]  # 4 blocks for 2 x 2 stages; 4 microbatches at dp 1
 STEPS = ["train.max_steps=4", "train.stop_at_step=3", "checkpoint.interval=3", "train.eval_interval=0",
          "train.log_interval=1", "optim.warmup_steps=1"]
+NO_CHECKPOINT = ["checkpoint.interval=0", "checkpoint.save_final=false"]  # the jobs no test resumes
 PROMPT, SAMPLE_TOKENS = "The list", 16
 SAMPLED = ["zbv", "pp2_tp2", "pp2_fsdp2"]  # the last stage on rank 0; with tensor, with data parallelism
 RESUMED = [("dense", "1f1b_2bp"), ("dense", "zbv"), ("tied", "1f1b"), ("moe", "zbv"), ("dense", "pp2_fsdp2"),
@@ -111,16 +112,16 @@ def runs(tmp_path_factory, shared_cache):
     jobs: dict[int, list] = {2: [], 4: []}
     for kind, layout in CASES:
         nproc, overrides = LAYOUTS[layout]
-        save = [] if (kind, layout) in RESUMED else ["checkpoint.save_final=false"]  # (only resumed ones saved)
+        save = [] if (kind, layout) in RESUMED else NO_CHECKPOINT  # (only the resumed ones are saved)
         jobs[nproc].append({"overrides": base + KINDS[kind] + overrides + [f"train.run_dir={tmp}/{kind}_{layout}", *save],
                             "grads": str(tmp / f"{kind}_{layout}"), "per_rank": True})
     for kind, layout in PROBED:
         jobs[2].append({"overrides": base + KINDS[kind] + LAYOUTS[layout][1] + [
             f"train.run_dir={tmp}/probe_{kind}_{layout}", "train.max_steps=1", "train.stop_at_step=0",
-            "checkpoint.save_final=false"], "probe": str(tmp / f"probe_{kind}_{layout}")})
+            *NO_CHECKPOINT], "probe": str(tmp / f"probe_{kind}_{layout}")})
     jobs[2].append({"overrides": base + LAYOUTS["zbv"][1] + [
         f"train.run_dir={tmp}/dense_from_single", "train.stop_at_step=0",
-        f"train.resume={tmp}/ref_dense/checkpoints/step_0000003", "checkpoint.save_final=false"]})
+        f"train.resume={tmp}/ref_dense/checkpoints/step_0000003", *NO_CHECKPOINT]})
     for layout in SAMPLED:  # the reference's final weights, no step: sampling only
         nproc, overrides = LAYOUTS[layout]
         jobs[nproc].append({"overrides": base + overrides + [

@@ -40,7 +40,8 @@ class OptimConfig:
 class TrainConfig:
     run_dir: str = option("runs/default", "Directory for config.yaml, metrics.jsonl, checkpoints/ and tensorboard/.")
     max_steps: int = option(1000, "Optimizer steps of the whole run (the LR schedule spans them).")
-    stop_at_step: int = option(0, "Stop with a checkpoint after this step though the schedule spans max_steps; 0 = off.")
+    stop_at_step: int = option(0, "Stop after this step (with a checkpoint unless checkpoint.save_final=false) though the "
+                               "schedule spans max_steps; 0 = off.")
     seed: int = option(1234, "Seed of the weights (by parameter name), the data order and every RNG.")
     log_interval: int = option(10, "Steps between console lines and metrics.jsonl entries (1 logs every step).")
     eval_interval: int = option(100, "Steps between validation losses; 0 = only at the end.")
@@ -96,7 +97,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    interval: int = option(500, "Steps between checkpoints (the last step is always saved); 0 = only at the end.")
+    interval: int = option(500, "Steps between checkpoints (the last step is saved too, see save_final); 0 = only at "
+                           "the end.")
     keep: int = option(3, "Number of newest checkpoints kept; older ones are deleted.")
     export_hf: bool = option(False, "At the end of training, export the last checkpoint to RUN_DIR/hf (Hugging Face format).")
     save_final: bool = option(True, "Save after the run's last step (the schedule's end, or train.stop_at_step). "

@@ -87,6 +87,8 @@ def _json_problem(files: list[str]) -> str | None:
     import json
 
     for file in files:
+        if not file.endswith((".json", ".jsonl")):  # (a compressed file: not read here)
+            continue
         with open(file, encoding="utf-8", errors="replace") as f:
             head = f.read(4096).lstrip()
             if not head:
@@ -137,7 +139,9 @@ def source_documents(src: SourceConfig) -> Iterator[str]:
         try:
             ds = load_dataset(kind, data_files=files, split=src.split)
         except Exception as e:  # noqa: BLE001
-            where = _json_problem(files) if kind == "json" else None
+            json_error = type(e).__name__ in ("StopIteration", "DatasetGenerationError", "ArrowInvalid",
+                                              "JSONDecodeError")
+            where = _json_problem(files) if kind == "json" and json_error else None
             if where:
                 raise UserError(f"could not read data source '{src.path}' as JSON: {where}.") from None
             raise UserError(f"could not read '{src.path}' as {kind}: {type(e).__name__}: {e}") from None

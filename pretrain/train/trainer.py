@@ -38,7 +38,7 @@ from pretrain.growth.stages import (
 )
 from pretrain.models.transformer import num_params
 from pretrain.parallel import mesh
-from pretrain.paths import RunDirLock, require_run_dir
+from pretrain.paths import RunDirLock, require_run_dir, require_writable_dir
 from pretrain.torch_compat import check_torch_version
 from pretrain.train import checkpoint, faults
 from pretrain.train.callbacks import Callback, method_callbacks
@@ -82,7 +82,10 @@ class Trainer:
                             "runs (assembly.modules): run them with `pretrain assemble run CONFIG` (or one phase at a "
                             "time: `pretrain assemble meta|incubate|join CONFIG`), or set assembly.modules=0 to train "
                             "the model end to end.")
-        self.run_dir = require_run_dir(cfg.train.run_dir)
+        own = (cfg.tokenizer.path, cfg.data.prefix)  # (the tokenizer and token files a first run may have left)
+        if self.rank == 0:  # (before it writes anything: the other ranks would see its files)
+            require_run_dir(cfg.train.run_dir, own)
+        self.run_dir = require_writable_dir(cfg.train.run_dir, "train.run_dir")
         self.run_lock = RunDirLock(self.run_dir) if self.rank == 0 else None  # before anything reads or deletes there
         self.ckpt_root = self.run_dir / "checkpoints"
         torch.manual_seed(cfg.train.seed)
@@ -395,6 +398,11 @@ class Trainer:
                      f"schedule, so the learning rate never reaches optim.lr={cfg.optim.lr:g} (it peaks at "
                      f"{lr_at(end - start, cfg.optim, end - start):.3g}); lower optim.warmup_steps (a few percent of "
                      "the steps is usual).")
+        ck = cfg.checkpoint
+        if not ck.save_final and (not ck.interval or (st["step"] // ck.interval + 1) * ck.interval > self.last_step):
+            self.log("warning: checkpoint.save_final=false and no checkpoint.interval step before the run ends: this "
+                     "run writes no checkpoint (only a signal's stop is saved); set checkpoint.save_final=true to keep "
+                     "its weights.")
         if self.resumed_from is not None:
             self._restore_callbacks()
         while self.stage < stage_at(self.run_cfg, st["step"]):  # resumed from a small model whose growth is due
