@@ -6,7 +6,7 @@ gradient norm and the angular distance between its input and output late in trai
 and LNS: deep Pre-LN blocks barely change the residual stream); and the validation loss with each block removed in
 turn (how much the model uses it). Runs are cached in OUT/runs, so an interrupted experiment resumes.
 
-    python experiments/norms.py                  # CPU: 16 x 128, 200 steps, 3 seeds, about 27 minutes
+    python experiments/norms.py                  # CPU: 16 x 128, 200 steps, 3 seeds, about 26 minutes
     python experiments/norms.py --lr 1e-3        # the same at the Mix-LN paper's learning rate (out: norms_lr0.001)
     python experiments/norms.py --steps 300      # longer (out: norms_300steps; about 40 minutes)
     python experiments/norms.py --scale gpu      # 24 x 512, 2000 steps, 3 seeds
