@@ -551,7 +551,10 @@ def main(argv: list[str] | None = None) -> int:
             if hint:
                 print(f"pretrain: error: {hint}", file=sys.stderr)
                 return EXIT_USER_ERROR
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            verb = " ".join(v for v in (getattr(args, "verb", None), getattr(args, "action", None)) if v)
+            print(f"pretrain: error: unrecognized arguments: {' '.join(rest)} (`pretrain {verb} --help` lists what it "
+                  "takes).", file=sys.stderr)
+            return EXIT_USER_ERROR
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     try:
