@@ -154,10 +154,7 @@ def _tokenizer_stats(args) -> int:
     # (a file whose suffix says nothing is read as text)
     data = DataConfig(sources=[SourceConfig(path=t, type="auto" if suffix_type(t) else "text",
                                             text_field=args.text_field) for t in args.text])
-    try:
-        stats = tokenizer_stats(tok, corpus.documents(data))
-    except UserError as e:  # (the reader names the run config's key; here it is an option)
-        raise UserError(str(e).replace("set data.sources[].text_field", "give it with --text-field")) from None
+    stats = tokenizer_stats(tok, corpus.documents(data, text_field_fix="give it with --text-field"))
     if not stats["tokens"]:
         raise UserError(f"{' '.join(args.text)} holds no text (only blank lines or empty records); give text files "
                         "to measure the tokenizer on.")
@@ -229,12 +226,17 @@ def _grow(args) -> int:
     if args.plan:
         return _grow_plan(args)
     from pretrain.config import MoEConfig
+    from pretrain.config.growth import GrowthStage
     from pretrain.growth.offline import GrowthSpec, grow_checkpoint
 
     if not (args.source and args.destination):
         raise UserError("pretrain grow needs SRC (a checkpoint or run directory) and DST (a new run directory), or "
                         "--plan.")
     _check_grow_flags(args)
+    defaults = GrowthStage()  # what a flag not given stands for: the stage key's default
+    args.hidden_factor, args.top_k, args.router = (
+        getattr(defaults, key) if getattr(args, key) is None else getattr(args, key)
+        for key in ("hidden_factor", "top_k", "router"))
     _check_grow_numbers(args)
     layers = None
     if args.layers:
@@ -258,7 +260,7 @@ def _grow(args) -> int:
 
 def _check_grow_flags(args) -> None:
     """Every option given belongs to the chosen operator (another operator's option would be ignored)."""
-    from pretrain.config.growth import OPERATOR_OF, GrowthStage, operator_kind
+    from pretrain.config.growth import OPERATOR_OF, operator_kind
 
     owner = {**OPERATOR_OF, "layers": "depth"}
     foreign = [key for key, kind in owner.items()
@@ -271,10 +273,6 @@ def _check_grow_flags(args) -> None:
                         f"ignore {'it: drop it' if len(foreign) == 1 else 'them: drop them'}, or choose that operator.")
     if args.layers and (args.factor is not None or args.num_layers is not None):
         raise UserError("--layers gives every target block's source itself; drop --factor / --num-layers.")
-    defaults = GrowthStage()  # what a flag not given stands for: the stage key's default
-    for key in ("hidden_factor", "top_k", "router"):
-        if getattr(args, key) is None:
-            setattr(args, key, getattr(defaults, key))
 
 
 def _check_grow_numbers(args) -> None:
@@ -383,7 +381,7 @@ def _show(cfg, args) -> int:
 
         _check_user_config(cfg)
         if not cfg.assembly.modules:
-            require_run_dir(cfg.train.run_dir, (cfg.tokenizer.path, cfg.data.prefix))
+            require_run_dir(cfg)
     if args.world_size is not None and args.world_size != cfg.parallel.world_size:
         p = cfg.parallel
         raise ConfigError("parallel", f"{args.world_size} process(es) would start, but the layout needs "

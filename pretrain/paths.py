@@ -48,22 +48,18 @@ class ForeignRunDir(UserError):
     """train.run_dir holds other files and no run (nothing may be written there, not even the error marker)."""
 
 
-def require_run_dir(path: str | Path, own: tuple[str | Path, ...] = ()) -> None:
-    """``train.run_dir``: a new or empty directory, or one a run wrote. A directory of other files is refused: the
-    run would write its config.yaml, metrics and checkpoints among them (and train.resume=overwrite deletes some).
-    Not other files: YAML configs, and ``own``, the files the run makes itself that may lie there (its tokenizer
-    and token files: their path, or a prefix of their names)."""
-    path = Path(path)
+def require_run_dir(cfg) -> None:
+    """``cfg.train.run_dir``: a new or empty directory, or one a run wrote. A directory of other files is refused:
+    the run would write its config.yaml, metrics and checkpoints among them (and train.resume=overwrite deletes
+    some). Not other files: YAML configs, and what the run makes itself that may lie there (its tokenizer and token
+    files, whose names start as tokenizer.path's and data.prefix's)."""
+    path = Path(cfg.train.run_dir)
     if path.is_dir():
-        mine = [Path(p).resolve() for p in own]
-        inside = [p.name for p in mine if p.parent == path.resolve()]
-
-        def other(name: str) -> bool:
-            return not (name.startswith(".") or name.endswith((".yaml", ".yml")) or any(
-                name.startswith(stem) for stem in inside))
-
-        entries = sorted(p.name for p in path.iterdir() if other(p.name))
-        if entries and not RUN_ENTRIES & {p.name for p in path.iterdir()}:
+        names = {p.name for p in path.iterdir()}
+        own = tuple(Path(p).name for p in (cfg.tokenizer.path, cfg.data.prefix)
+                    if Path(p).resolve().parent == path.resolve())
+        entries = sorted(n for n in names if not n.startswith((".", *own)) and not n.endswith((".yaml", ".yml")))
+        if entries and not RUN_ENTRIES & names:
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise ForeignRunDir(f"train.run_dir '{path}' holds other files ({shown}) and no run: a run writes its "
                                 "config.yaml, metrics.jsonl and checkpoints/ there. Give a new or empty directory, "

@@ -51,6 +51,7 @@ def check_growth(cfg: RunConfig) -> None:
             "(pretrain grow) after that phase.")
     previous = 0
     allowed = {f.name for f in fields(ParallelConfig)}
+    defaults = GrowthStage()
     for i, stage in enumerate(cfg.growth):
         key = f"growth[{i}]"
         require(previous < stage.at_step < cfg.train.max_steps, f"{key}.at_step",
@@ -62,7 +63,6 @@ def check_growth(cfg: RunConfig) -> None:
                 key, "factors and sizes must not be negative (hidden_factor at least 1).")
         require(stage.op != "upcycle" or 1 <= stage.top_k <= stage.experts, f"{key}.top_k",
                 f"must lie in [1, experts={stage.experts}], got {stage.top_k}.")
-        defaults = GrowthStage()
         foreign = [name for name, owner in OPERATOR_OF.items()
                    if owner != operator_kind(stage.op) and getattr(stage, name) != getattr(defaults, name)]
         require(not foreign, f"{key}.{foreign[0] if foreign else ''}",

@@ -110,8 +110,9 @@ def _json_problem(files: list[str]) -> str | None:
     return None
 
 
-def source_documents(src: SourceConfig) -> Iterator[str]:
-    """Documents of one source, read through Hugging Face `datasets`."""
+def source_documents(src: SourceConfig, text_field_fix: str = "set data.sources[].text_field") -> Iterator[str]:
+    """Documents of one source, read through Hugging Face `datasets`; ``text_field_fix`` is what the message for a
+    missing text column tells to do (set a config key, or give a command's option)."""
     from datasets import disable_progress_bars, load_dataset
 
     disable_progress_bars()  # (its per-split bars; our own progress says what is read)
@@ -139,21 +140,25 @@ def source_documents(src: SourceConfig) -> Iterator[str]:
         try:
             ds = load_dataset(kind, data_files=files, split=src.split)
         except Exception as e:  # noqa: BLE001
-            json_error = type(e).__name__ in ("StopIteration", "DatasetGenerationError", "ArrowInvalid",
-                                              "JSONDecodeError")
+            from json import JSONDecodeError
+
+            from datasets.exceptions import DatasetGenerationError
+            from pyarrow import ArrowInvalid
+
+            json_error = isinstance(e, (StopIteration, DatasetGenerationError, ArrowInvalid, JSONDecodeError))
             where = _json_problem(files) if kind == "json" and json_error else None
             if where:
                 raise UserError(f"could not read data source '{src.path}' as JSON: {where}.") from None
             raise UserError(f"could not read '{src.path}' as {kind}: {type(e).__name__}: {e}") from None
     if src.text_field not in ds.column_names:
         raise UserError(f"data source '{src.path}' has no column '{src.text_field}' (columns: "
-                        f"{', '.join(ds.column_names)}); set data.sources[].text_field.")
+                        f"{', '.join(ds.column_names)}); {text_field_fix}.")
     for text in ds[src.text_field]:
         if isinstance(text, str) and text.strip():
             yield text
 
 
-def documents(data: DataConfig) -> Iterator[str]:
+def documents(data: DataConfig, text_field_fix: str = "set data.sources[].text_field") -> Iterator[str]:
     """All documents of the configured sources in a fixed order; the embedded corpus when none is set."""
     if not data.sources:
         for i, doc in enumerate(embedded_documents()):
@@ -162,7 +167,7 @@ def documents(data: DataConfig) -> Iterator[str]:
             yield doc
         return
     for src in data.sources:
-        yield from source_documents(src)
+        yield from source_documents(src, text_field_fix)
 
 
 def fingerprint(data: DataConfig) -> str:

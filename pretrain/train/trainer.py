@@ -82,9 +82,8 @@ class Trainer:
                             "runs (assembly.modules): run them with `pretrain assemble run CONFIG` (or one phase at a "
                             "time: `pretrain assemble meta|incubate|join CONFIG`), or set assembly.modules=0 to train "
                             "the model end to end.")
-        own = (cfg.tokenizer.path, cfg.data.prefix)  # (the tokenizer and token files a first run may have left)
         if self.rank == 0:  # (before it writes anything: the other ranks would see its files)
-            require_run_dir(cfg.train.run_dir, own)
+            require_run_dir(cfg)
         self.run_dir = require_writable_dir(cfg.train.run_dir, "train.run_dir")
         self.run_lock = RunDirLock(self.run_dir) if self.rank == 0 else None  # before anything reads or deletes there
         self.ckpt_root = self.run_dir / "checkpoints"
